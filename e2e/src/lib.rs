@@ -1,0 +1,1 @@
+//! Placeholder: the end-to-end test support crate lands here.

@@ -1,0 +1,1 @@
+//! Placeholder: the vCUDA interception library lands here.

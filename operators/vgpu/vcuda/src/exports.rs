@@ -151,7 +151,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
 /// Replaces a real function pointer handed out by `cuGetProcAddress` with the hook of the
 /// same variant: by identity with the real variants first, else by the version table.
 unsafe fn substitute(symbol: *const c_char, pfn: *mut *mut c_void, ver: c_int, flags: u64) {
-    if symbol.is_null() || pfn.is_null() || !matches!(state(), State::Active(_)) {
+    if symbol.is_null() || pfn.is_null() || matches!(state(), State::PassThrough) {
         return;
     }
     // SAFETY: the caller's out-parameter, just written by the real driver.
@@ -199,9 +199,6 @@ pub unsafe extern "C" fn cuGetProcAddress(
     flags: u64,
 ) -> CUresult {
     type F = unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64) -> CUresult;
-    if matches!(state(), State::Denied) {
-        return DENY;
-    }
     let f = real_or!(cuGetProcAddress, F, NF);
     // SAFETY: forwarding the caller's arguments.
     let r = unsafe { f(symbol, pfn, cuda_version, flags) };
@@ -222,9 +219,6 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(
 ) -> CUresult {
     type F =
         unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> CUresult;
-    if matches!(state(), State::Denied) {
-        return DENY;
-    }
     let f = real_or!(cuGetProcAddress_v2, F, NF);
     // SAFETY: forwarding the caller's arguments.
     let r = unsafe { f(symbol, pfn, cuda_version, flags, status) };

@@ -51,8 +51,9 @@
 //! ## Failing closed
 //! A configuration that exists but is invalid (or an explicitly named one that is missing)
 //! prints `gantry-vcuda: invalid configuration <path>: <reason>; GPU access denied` once on
-//! stderr and every intercepted call returns `CUDA_ERROR_NOT_PERMITTED` (800) or
-//! `NVML_ERROR_NO_PERMISSION`. Nothing unwinds across the C boundary: an `extern "C"` function
+//! stderr; `cuInit` and every intercepted allocation, free, memory query and launch return
+//! `CUDA_ERROR_NOT_PERMITTED` (800), NVML's memory queries `NVML_ERROR_NO_PERMISSION`
+//! (`cuGetProcAddress` keeps handing out the hooks). Nothing unwinds across the C boundary: an `extern "C"` function
 //! that panicked would abort the process, and the code avoids panicking paths.
 
 pub mod account;

@@ -1,0 +1,179 @@
+//! The generated CRD follows the conventions, and its CEL rules reject bad plans with
+//! specific messages (evaluated client-side with the same rules the API server runs).
+
+use kube::CustomResourceExt;
+use kube::core::cel::Validator;
+use serde_json::{Value, json};
+
+use crate::api::GrayApp;
+
+fn schema() -> Value {
+    let crd = GrayApp::crd();
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("schema"),
+    )
+    .expect("serialises")
+}
+
+fn app(spec_extra: Value) -> Value {
+    let mut spec = json!({
+        "replicas": 25,
+        "selector": {"matchLabels": {"app": "ocr"}},
+        "template": {
+            "metadata": {"labels": {"app": "ocr"}},
+            "spec": {"containers": [{"name": "ocr", "image": "ocr:v7"}]}
+        }
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), spec_extra.as_object()) {
+        for (k, v) in extra {
+            spec.insert(k.clone(), v.clone());
+        }
+    }
+    json!({
+        "apiVersion": "apps.gantry.dev/v1alpha1",
+        "kind": "GrayApp",
+        "metadata": {"name": "ocr", "namespace": "default"},
+        "spec": spec
+    })
+}
+
+/// The messages of every rule the object breaks.
+fn violations(object: &Value) -> Vec<String> {
+    match Validator::new().validate(&schema(), object, None) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.to_string().lines().map(str::to_string).collect(),
+    }
+}
+
+fn assert_rejected(object: &Value, message: &str) {
+    let v = violations(object);
+    assert!(
+        v.iter().any(|m| m.contains(message)),
+        "expected {message:?} among {v:#?}"
+    );
+}
+
+#[test]
+fn crd_follows_the_conventions() {
+    assert_eq!(gantry_kit::crd::lint(&GrayApp::crd()), Vec::<String>::new());
+}
+
+#[test]
+fn crd_has_scale_subresource_for_kubectl_scale_and_hpa() {
+    let crd = GrayApp::crd();
+    let scale = crd.spec.versions[0]
+        .subresources
+        .as_ref()
+        .and_then(|s| s.scale.as_ref())
+        .expect("scale subresource");
+    assert_eq!(scale.spec_replicas_path, ".spec.replicas");
+    assert_eq!(
+        scale.label_selector_path.as_deref(),
+        Some(".status.labelSelector")
+    );
+}
+
+#[test]
+fn the_ocr_plan_is_accepted() {
+    let object = app(json!({"update": {
+        "maxUnavailable": 3,
+        "batches": [{"instances": [2, 5, 11]}, {"count": 10}, {}],
+        "promotion": "Manual"
+    }}));
+    assert_eq!(violations(&object), Vec::<String>::new());
+}
+
+#[test]
+fn unknown_ordinal_is_rejected() {
+    assert_rejected(
+        &app(json!({"update": {"batches": [{"instances": [2, 40]}]}})),
+        "a batch names an instance ordinal this app does not have",
+    );
+}
+
+#[test]
+fn removed_ordinal_is_rejected_but_the_replacement_range_is_accepted() {
+    let removed = app(
+        json!({"replicas": 24, "removeInstances": [7], "update": {"batches": [{"instances": [7]}]}}),
+    );
+    assert_rejected(
+        &removed,
+        "a batch names an instance ordinal this app does not have",
+    );
+    let shifted = app(
+        json!({"replicas": 24, "removeInstances": [7], "update": {"batches": [{"instances": [24]}]}}),
+    );
+    assert_eq!(violations(&shifted), Vec::<String>::new());
+}
+
+#[test]
+fn instance_in_two_batches_is_rejected() {
+    assert_rejected(
+        &app(json!({"update": {"batches": [{"instances": [2, 5]}, {"instances": [5, 6]}]}})),
+        "an instance is named in two batches",
+    );
+}
+
+#[test]
+fn instance_twice_in_one_batch_is_rejected() {
+    assert_rejected(
+        &app(json!({"update": {"batches": [{"instances": [2, 2]}]}})),
+        "a batch names an instance twice",
+    );
+}
+
+#[test]
+fn percentage_over_100_is_rejected() {
+    assert_rejected(
+        &app(json!({"update": {"batches": [{"count": "150%"}]}})),
+        "count must be a positive number or a percentage",
+    );
+    assert_rejected(
+        &app(json!({"update": {"maxUnavailable": "101%"}})),
+        "maxUnavailable must be at least 1",
+    );
+}
+
+#[test]
+fn zero_max_unavailable_is_rejected() {
+    assert_rejected(
+        &app(json!({"update": {"maxUnavailable": 0}})),
+        "maxUnavailable must be at least 1",
+    );
+    assert_rejected(
+        &app(json!({"update": {"maxUnavailable": "0%"}})),
+        "maxUnavailable must be at least 1",
+    );
+}
+
+#[test]
+fn batch_with_two_selections_is_rejected() {
+    assert_rejected(
+        &app(json!({"update": {"batches": [{"instances": [1], "count": 3}]}})),
+        "a batch names instances, or a selector, or a count; not several",
+    );
+}
+
+#[test]
+fn instance_in_two_variants_is_rejected() {
+    assert_rejected(
+        &app(json!({"variants": [
+            {"name": "v8", "instances": [2, 5], "images": {"ocr": "ocr:v8"}},
+            {"name": "v9", "instances": [5], "images": {"ocr": "ocr:v9"}}
+        ]})),
+        "an instance belongs to two variants",
+    );
+}
+
+#[test]
+fn mixed_versions_are_accepted() {
+    let object = app(json!({"variants": [
+        {"name": "v8", "instances": [2, 5, 11], "images": {"ocr": "ocr:v8"}},
+        {"name": "v9", "instances": [4], "images": {"ocr": "ocr:v9"}}
+    ]}));
+    assert_eq!(violations(&object), Vec::<String>::new());
+}

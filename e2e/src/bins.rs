@@ -1,0 +1,72 @@
+//! Where the Go binaries are: the control-plane multi-call binary and kwok, built by
+//! `make k8s-bins` (e2e/cluster/build.sh).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+/// Directory holding `k8s`, its program symlinks (`etcd`, `kube-apiserver`, ...) and `kwok`.
+pub const BIN_DIR_ENV: &str = "GANTRY_K8S_BIN_DIR";
+/// Root of Gantry's cache beside the repository (clusters live under `<cache>/clusters`).
+pub const CACHE_ENV: &str = "GANTRY_CACHE";
+
+/// The cache root: `$GANTRY_CACHE`, else `$HOME/.cache/gantry`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(CACHE_ENV).filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".cache").join("gantry")
+}
+
+/// The located binaries.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub dir: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the binaries in `$GANTRY_K8S_BIN_DIR`, else in `<cache>/k8s-bins/current` (what
+    /// the last `make k8s-bins` built), and fails with what to run when they are missing.
+    pub fn locate() -> Result<Self> {
+        let (dir, from) = match std::env::var_os(BIN_DIR_ENV).filter(|v| !v.is_empty()) {
+            Some(dir) => (PathBuf::from(dir), format!("${BIN_DIR_ENV}")),
+            None => (
+                cache_dir().join("k8s-bins").join("current"),
+                format!("the default location (set ${BIN_DIR_ENV} to override)"),
+            ),
+        };
+        let bins = Self { dir };
+        let missing: Vec<_> = [
+            "k8s",
+            "kwok",
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubectl",
+        ]
+        .into_iter()
+        .filter(|name| !is_executable(&bins.dir.join(name)))
+        .collect();
+        if !missing.is_empty() {
+            bail!(
+                "Kubernetes binaries {missing:?} not found in {} ({from}). Build them with \
+                 `make k8s-bins` from the repository root (it caches them; the first build takes \
+                 a while), or point ${BIN_DIR_ENV} at a directory holding them.",
+                bins.dir.display()
+            );
+        }
+        Ok(bins)
+    }
+
+    /// The path of one program (`etcd`, `kube-apiserver`, `kubectl`, `kwok`, ...).
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}

@@ -1,0 +1,192 @@
+//! Host processes in their own process groups, remembered in pid files so that a later run can
+//! reap what a crashed one left behind.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Starts `command` in a new process group (so that it and everything it starts can be
+/// signalled together), with stdout and stderr appended to `log`. Returns the pid, which is
+/// also the process group id.
+pub fn spawn_group(command: &mut Command, log: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt as _;
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening log {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {:?}", command.get_program()))?;
+    Ok(child.id())
+}
+
+/// Whether the process exists and is not a zombie. A zombie child of this process is reaped.
+pub fn alive(pid: u32) -> bool {
+    let Ok(pid_t) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // Reap it if it is our exited child; harmless (ECHILD) otherwise.
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG on a specific pid has no memory-safety preconditions.
+    let reaped = unsafe { libc::waitpid(pid_t, &mut status, libc::WNOHANG) };
+    if reaped == pid_t {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// The command line of a running process, arguments joined by spaces.
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .map(String::from_utf8_lossy)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// Sends `signal` to the process group `pgid`.
+pub fn signal_group(pgid: u32, signal: libc::c_int) {
+    if let Ok(pgid) = libc::pid_t::try_from(pgid)
+        && pgid > 1
+    {
+        // SAFETY: kill has no memory-safety preconditions; a negative pid names the group.
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+    }
+}
+
+/// Stops the process group led by `pid`: SIGTERM, then SIGKILL once `grace` has passed.
+pub fn stop_group(pid: u32, grace: Duration) {
+    signal_group(pid, libc::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Members other than the leader may still be alive; the group gets SIGKILL either way.
+    signal_group(pid, libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Pid files of the components of one cluster: `<dir>/<component>.pid`.
+pub struct PidDir {
+    dir: PathBuf,
+}
+
+impl PidDir {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    pub fn record(&self, component: &str, pid: u32) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::write(
+            self.dir.join(format!("{component}.pid")),
+            format!("{pid}\n"),
+        )?;
+        Ok(())
+    }
+
+    /// (component, pid) for every pid file.
+    pub fn entries(&self) -> Vec<(String, u32)> {
+        let Ok(read) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in read.flatten() {
+            let path = entry.path();
+            let (Some(stem), Some("pid")) = (
+                path.file_stem().and_then(|s| s.to_str()),
+                path.extension().and_then(|s| s.to_str()),
+            ) else {
+                continue;
+            };
+            if let Some(pid) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            {
+                out.push((stem.to_owned(), pid));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Stops every recorded process whose command line still mentions `marker` (the cluster's
+    /// state directory: a recycled pid belonging to something else is left alone), in the
+    /// order given by `order` (components not listed go first), then removes the pid files.
+    pub fn stop_all(&self, marker: &str, order: &[&str]) -> Result<()> {
+        let mut entries = self.entries();
+        entries.sort_by_key(|(component, _)| order.iter().position(|c| c == component));
+        for (component, pid) in entries {
+            if alive(pid) && cmdline(pid).is_some_and(|c| c.contains(marker)) {
+                tracing::debug!(component, pid, "stopping");
+                stop_group(pid, Duration::from_secs(10));
+                if alive(pid) {
+                    bail!("{component} (pid {pid}) did not stop");
+                }
+            }
+            let _ = std::fs::remove_file(self.dir.join(format!("{component}.pid")));
+        }
+        Ok(())
+    }
+}
+
+/// An exclusive advisory lock on a file, held until dropped.
+pub struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    pub fn acquire(path: &Path) -> Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening lock {}", path.display()))?;
+        // SAFETY: flock on a file descriptor we own has no memory-safety preconditions.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            bail!(
+                "locking {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+/// Whether the environment of process `pid` holds the entry `needle` (`NAME=value`).
+pub fn environ_contains(pid: u32, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|raw| {
+        raw.split(|b| *b == 0)
+            .any(|entry| entry == needle.as_bytes())
+    })
+}

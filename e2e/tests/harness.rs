@@ -1,0 +1,722 @@
+//! End-to-end tests that prove the harness itself: the control plane, kwok's simulated
+//! kubelet behaviour, the scheduler, admission webhooks over TLS and leader election of a
+//! kit-based operator. Run with `make test-e2e`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use gantry_e2e::http;
+use gantry_e2e::operator::{OperatorProcess, identity_from_chart};
+use gantry_e2e::testing::{
+    TEST_EXTENDED_RESOURCE, TestEnv, wait_for, wait_for_list, wait_for_object,
+};
+use gantry_e2e::webhook::{HttpsServer, Response};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn pod_condition<'a>(
+    pod: &'a Pod,
+    type_: &str,
+) -> Option<&'a k8s_openapi::api::core::v1::PodCondition> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+fn condition_true(pod: &Pod, type_: &str) -> bool {
+    pod_condition(pod, type_).is_some_and(|c| c.status == "True")
+}
+
+fn phase(pod: &Pod) -> Option<&str> {
+    pod.status.as_ref()?.phase.as_deref()
+}
+
+fn first_container_status(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerStatus> {
+    pod.status.as_ref()?.container_statuses.as_ref()?.first()
+}
+
+fn pod(name: &str, image: &str, extra_spec: serde_json::Value) -> Result<Pod> {
+    let mut spec = json!({ "containers": [{ "name": "app", "image": image }] });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra_spec.as_object()) {
+        for (k, v) in extra {
+            spec.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(serde_json::from_value(
+        json!({ "metadata": { "name": name }, "spec": spec }),
+    )?)
+}
+
+#[tokio::test]
+async fn deployment_pods_run_on_kwok_nodes_and_are_garbage_collected() -> Result<()> {
+    let env = TestEnv::new("deploy").await?;
+    let deployments: Api<Deployment> = env.api();
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": { "name": "web" },
+        "spec": {
+            "replicas": 3,
+            "selector": { "matchLabels": { "app": "web" } },
+            "template": {
+                "metadata": { "labels": { "app": "web" } },
+                "spec": { "containers": [{ "name": "web", "image": "registry.example/web:v1" }] },
+            },
+        },
+    }))?;
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await?;
+
+    let pods: Api<Pod> = env.api();
+    let selector = ListParams::default().labels("app=web");
+    let running = wait_for_list(
+        &pods,
+        &selector,
+        "3 Running, Ready pods on kwok nodes",
+        TIMEOUT,
+        |pods| {
+            pods.len() == 3
+                && pods.iter().all(|p| {
+                    phase(p) == Some("Running")
+                        && condition_true(p, "Ready")
+                        && p.spec
+                            .as_ref()
+                            .and_then(|s| s.node_name.as_deref())
+                            .is_some_and(|n| n.starts_with("kwok-node-"))
+                })
+        },
+    )
+    .await?;
+    for p in &running {
+        let ip = p
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .unwrap_or_default();
+        ensure!(!ip.is_empty(), "pod {:?} has no IP", p.metadata.name);
+    }
+    wait_for_object(
+        &deployments,
+        "web",
+        "the Deployment to report 3 ready replicas",
+        TIMEOUT,
+        |d| d.status.as_ref().and_then(|s| s.ready_replicas) == Some(3),
+    )
+    .await?;
+
+    // Deleting the Deployment leaves its ReplicaSet and pods to the garbage collector.
+    deployments
+        .delete("web", &DeleteParams::background())
+        .await?;
+    wait_for_list(
+        &pods,
+        &selector,
+        "the garbage collector to remove every pod",
+        TIMEOUT,
+        <[Pod]>::is_empty,
+    )
+    .await?;
+    let replicasets: Api<ReplicaSet> = env.api();
+    wait_for_list(
+        &replicasets,
+        &selector,
+        "the ReplicaSet to be removed",
+        TIMEOUT,
+        <[ReplicaSet]>::is_empty,
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn changing_a_running_pods_image_restarts_its_container_in_place() -> Result<()> {
+    let env = TestEnv::new("inplace").await?;
+    let pods: Api<Pod> = env.api();
+    pods.create(
+        &PostParams::default(),
+        &pod("app", "registry.example/app:v1", json!({}))?,
+    )
+    .await?;
+    let before = wait_for_object(
+        &pods,
+        "app",
+        "the pod to be Running and Ready",
+        TIMEOUT,
+        |p| phase(p) == Some("Running") && condition_true(p, "Ready"),
+    )
+    .await?;
+    let old = first_container_status(&before)
+        .context("no container status")?
+        .clone();
+    ensure!(
+        old.restart_count == 0 && old.image == "registry.example/app:v1",
+        "unexpected status {old:?}"
+    );
+    let node = before.spec.as_ref().and_then(|s| s.node_name.clone());
+    let pod_ip = before.status.as_ref().and_then(|s| s.pod_ip.clone());
+
+    let patch = json!({ "spec": { "containers": [{ "name": "app", "image": "registry.example/app:v2" }] } });
+    pods.patch("app", &PatchParams::default(), &Patch::Strategic(&patch))
+        .await?;
+
+    let after = wait_for_object(
+        &pods,
+        "app",
+        "the container to restart with image v2",
+        TIMEOUT,
+        |p| {
+            first_container_status(p).is_some_and(|s| {
+                s.image == "registry.example/app:v2" && s.restart_count == 1 && s.ready
+            }) && condition_true(p, "Ready")
+        },
+    )
+    .await?;
+    let new = first_container_status(&after).context("no container status")?;
+    ensure!(
+        new.container_id != old.container_id,
+        "containerID unchanged: {:?}",
+        new.container_id
+    );
+    ensure!(
+        new.image_id != old.image_id,
+        "imageID unchanged: {}",
+        new.image_id
+    );
+    let started = |s: &k8s_openapi::api::core::v1::ContainerStatus| {
+        s.state
+            .as_ref()
+            .and_then(|st| st.running.as_ref())
+            .and_then(|r| r.started_at.clone())
+    };
+    let (old_started, new_started) = (
+        started(&old).context("old startedAt")?,
+        started(new).context("new startedAt")?,
+    );
+    ensure!(
+        new_started.0 > old_started.0,
+        "startedAt did not move: {old_started:?} -> {new_started:?}"
+    );
+    let last = new
+        .last_state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .context("no lastState.terminated")?;
+    ensure!(
+        last.container_id == old.container_id,
+        "lastState does not describe the previous container"
+    );
+    // In place: same node, same IP, same pod.
+    ensure!(
+        after.metadata.uid == before.metadata.uid,
+        "the pod was recreated"
+    );
+    ensure!(
+        after.spec.as_ref().and_then(|s| s.node_name.clone()) == node,
+        "the pod moved"
+    );
+    ensure!(
+        after.status.as_ref().and_then(|s| s.pod_ip.clone()) == pod_ip,
+        "the pod IP changed"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn readiness_gates_are_left_to_their_controller() -> Result<()> {
+    let env = TestEnv::new("gates").await?;
+    let pods: Api<Pod> = env.api();
+    let gate = "e2e.gantry.dev/in-place-ready";
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "gated",
+            "registry.example/app:v1",
+            json!({ "readinessGates": [{ "conditionType": gate }] }),
+        )?,
+    )
+    .await?;
+    wait_for_object(
+        &pods,
+        "gated",
+        "containers ready but the pod not Ready (gate unset)",
+        TIMEOUT,
+        |p| {
+            phase(p) == Some("Running")
+                && condition_true(p, "ContainersReady")
+                && pod_condition(p, "Ready").is_some_and(|c| {
+                    c.status == "False" && c.reason.as_deref() == Some("ReadinessGatesNotReady")
+                })
+        },
+    )
+    .await?;
+    // Still not Ready a moment later: nothing but the gate's owner may flip it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let p = pods.get("gated").await?;
+    ensure!(
+        !condition_true(&p, "Ready"),
+        "pod became Ready without its gate"
+    );
+
+    let set_gate =
+        |status: &str| json!({ "status": { "conditions": [{ "type": gate, "status": status }] } });
+    pods.patch_status(
+        "gated",
+        &PatchParams::default(),
+        &Patch::Strategic(&set_gate("True")),
+    )
+    .await?;
+    wait_for_object(
+        &pods,
+        "gated",
+        "Ready once the gate is True",
+        TIMEOUT,
+        |p| condition_true(p, "Ready"),
+    )
+    .await?;
+    pods.patch_status(
+        "gated",
+        &PatchParams::default(),
+        &Patch::Strategic(&set_gate("False")),
+    )
+    .await?;
+    wait_for_object(
+        &pods,
+        "gated",
+        "not Ready once the gate is False again",
+        TIMEOUT,
+        |p| pod_condition(p, "Ready").is_some_and(|c| c.status == "False"),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn pod_asking_for_more_extended_resource_than_any_node_has_stays_pending() -> Result<()> {
+    let env = TestEnv::new("extres").await?;
+    let pods: Api<Pod> = env.api();
+    let asking = |n: u32| {
+        json!({ "containers": [{
+        "name": "app",
+        "image": "registry.example/app:v1",
+        "resources": { "limits": { TEST_EXTENDED_RESOURCE: n.to_string() } },
+    }] })
+    };
+    // Every node has 4.
+    pods.create(
+        &PostParams::default(),
+        &pod("fits", "registry.example/app:v1", asking(4))?,
+    )
+    .await?;
+    pods.create(
+        &PostParams::default(),
+        &pod("too-big", "registry.example/app:v1", asking(5))?,
+    )
+    .await?;
+    let pending = wait_for_object(
+        &pods,
+        "too-big",
+        "the scheduler to report the pod Unschedulable",
+        TIMEOUT,
+        |p| {
+            pod_condition(p, "PodScheduled").is_some_and(|c| {
+                c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+            })
+        },
+    )
+    .await?;
+    let message = pod_condition(&pending, "PodScheduled")
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        message.contains(&format!("Insufficient {TEST_EXTENDED_RESOURCE}")),
+        "scheduler message does not name the resource: {message}"
+    );
+    ensure!(phase(&pending) == Some("Pending"), "pod is not Pending");
+    wait_for_object(&pods, "fits", "the pod that fits to run", TIMEOUT, |p| {
+        phase(p) == Some("Running")
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn https_admission_webhook_on_the_host_is_called_by_the_api_server() -> Result<()> {
+    let env = TestEnv::new("webhook").await?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let calls = calls.clone();
+        HttpsServer::start(move |request| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let review: AdmissionReview<DynamicObject> =
+                    match serde_json::from_slice(&request.body) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            return Response {
+                                status: 400,
+                                content_type: "text/plain",
+                                body: e.to_string().into_bytes(),
+                            };
+                        }
+                    };
+                let Ok(req): Result<AdmissionRequest<DynamicObject>, _> = review.try_into() else {
+                    return Response {
+                        status: 400,
+                        content_type: "text/plain",
+                        body: b"no request".to_vec(),
+                    };
+                };
+                let deny = req
+                    .object
+                    .as_ref()
+                    .and_then(|o| o.metadata.labels.as_ref())
+                    .and_then(|l| l.get("e2e.gantry.dev/deny"))
+                    .is_some_and(|v| v == "true");
+                let response = AdmissionResponse::from(&req);
+                let response = if deny {
+                    response.deny("denied by the gantry e2e webhook")
+                } else {
+                    response
+                };
+                Response::json(&response.into_review())
+            }
+        })
+        .await?
+    };
+
+    let name = format!("{}-check", env.namespace());
+    let config: ValidatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "webhooks": [{
+            "name": "check.e2e.gantry.dev",
+            "clientConfig": {
+                "url": server.url("/validate"),
+                "caBundle": ByteString(server.ca_pem().as_bytes().to_vec()),
+            },
+            "rules": [{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["configmaps"] }],
+            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": env.namespace() } },
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 5,
+        }],
+    }))?;
+    let configs: Api<ValidatingWebhookConfiguration> = Api::all(env.client.clone());
+    configs.create(&PostParams::default(), &config).await?;
+
+    let cms: Api<ConfigMap> = env.api();
+    let cm = |n: &str, deny: bool| -> Result<ConfigMap> {
+        Ok(serde_json::from_value(json!({
+            "metadata": { "name": n, "labels": { "e2e.gantry.dev/deny": deny.to_string() } },
+        }))?)
+    };
+    // The API server picks the configuration up asynchronously: retry until it denies.
+    let result = wait_for(
+        "the webhook to deny a labelled ConfigMap",
+        Duration::from_secs(30),
+        || {
+            let cms = cms.clone();
+            let denied = cm("denied", true);
+            async move {
+                match cms.create(&PostParams::default(), &denied?).await {
+                    Ok(_) => {
+                        cms.delete("denied", &DeleteParams::default()).await?;
+                        Ok(None)
+                    }
+                    Err(kube::Error::Api(status))
+                        if status.message.contains("denied by the gantry e2e webhook") =>
+                    {
+                        Ok(Some(()))
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        },
+    )
+    .await;
+    let allowed = cms
+        .create(&PostParams::default(), &cm("allowed", false)?)
+        .await;
+    configs.delete(&name, &DeleteParams::default()).await?;
+    result?;
+    allowed.context("the webhook should allow an unlabelled ConfigMap")?;
+    ensure!(
+        calls.load(Ordering::SeqCst) >= 2,
+        "the webhook saw {} calls",
+        calls.load(Ordering::SeqCst)
+    );
+    Ok(())
+}
+
+// --- leader election ----------------------------------------------------------------------------
+
+/// Path of the kit's no-op operator (`GANTRY_NOOP_BIN`, set by `make test-e2e`).
+fn noop_binary() -> Result<std::path::PathBuf> {
+    let path = std::env::var_os("GANTRY_NOOP_BIN").filter(|v| !v.is_empty()).context(
+        "GANTRY_NOOP_BIN is not set: run the end-to-end tests with `make test-e2e`, which builds \
+         gantry-noop (`cargo build -p gantry-kit --bin gantry-noop`) and sets it",
+    )?;
+    let path = std::path::PathBuf::from(path);
+    ensure!(
+        path.is_file(),
+        "GANTRY_NOOP_BIN={} does not exist",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+struct Instance {
+    identity: String,
+    metrics: String,
+    process: OperatorProcess,
+}
+
+impl Instance {
+    fn start(
+        env: &TestEnv,
+        binary: &std::path::Path,
+        kubeconfig: &std::path::Path,
+        identity: &str,
+    ) -> Result<Self> {
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        let health = format!("127.0.0.1:{}", free_port()?);
+        let args: Vec<String> = [
+            "run",
+            "--metrics-addr",
+            &metrics,
+            "--health-addr",
+            &health,
+            "--leader-elect",
+            "--lease-name",
+            "gantry-noop",
+            "--lease-namespace",
+            env.namespace(),
+            "--identity",
+            identity,
+            "--log-format",
+            "text",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let process = OperatorProcess::spawn(
+            &env.cluster,
+            &format!("{}-{identity}", env.namespace()),
+            binary,
+            &args,
+            kubeconfig,
+            &[],
+        )?;
+        Ok(Self {
+            identity: identity.to_owned(),
+            metrics,
+            process,
+        })
+    }
+}
+
+/// `gantry_leader_is_leader` of an instance; None when it cannot be read (not running).
+async fn is_leader(metrics: &str) -> Option<bool> {
+    let (status, body) = http::get(metrics, "/metrics").await.ok()?;
+    if status != 200 {
+        return None;
+    }
+    body.lines()
+        .find(|l| l.starts_with("gantry_leader_is_leader"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v >= 1.0)
+}
+
+async fn lease_holder(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get_opt("gantry-noop")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+}
+
+/// Waits until `who` (and only it) reports leadership and holds the Lease; returns how long
+/// that took.
+async fn wait_for_leader(
+    leases: &Api<Lease>,
+    instances: &[&Instance],
+    who: Option<&str>,
+    timeout: Duration,
+) -> Result<(String, Duration)> {
+    let start = Instant::now();
+    let what = match who {
+        Some(w) => format!("{w} to lead"),
+        None => "one instance to lead".to_owned(),
+    };
+    let leader = wait_for(&what, timeout, || async {
+        let mut leaders = Vec::new();
+        for i in instances {
+            if is_leader(&i.metrics).await == Some(true) {
+                leaders.push(i.identity.clone());
+            }
+        }
+        let holder = lease_holder(leases).await;
+        Ok(match leaders.as_slice() {
+            [one] if holder.as_deref() == Some(one.as_str()) && who.is_none_or(|w| w == one) => {
+                Some(one.clone())
+            }
+            _ => None,
+        })
+    })
+    .await;
+    match leader {
+        Ok(l) => Ok((l, start.elapsed())),
+        Err(e) => {
+            let logs: String = instances
+                .iter()
+                .map(|i| {
+                    format!(
+                        "\n--- log of {} ---\n{}",
+                        i.identity,
+                        tail(&i.process.log(), 30)
+                    )
+                })
+                .collect();
+            Err(e.context(format!(
+                "lease holder: {:?}{logs}",
+                lease_holder(leases).await
+            )))
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[tokio::test]
+async fn kit_operator_instances_never_lead_at_once_and_take_over_from_a_dead_leader() -> Result<()>
+{
+    let env = TestEnv::new("leader").await?;
+    let binary = noop_binary()?;
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/noop");
+    // Runs as the ServiceAccount the chart creates, with exactly the chart's RBAC.
+    let release = format!("noop-{}", env.namespace());
+    let identity = identity_from_chart(
+        &env.cluster,
+        &env.client,
+        &chart,
+        &release,
+        env.namespace(),
+        &[],
+        None,
+    )
+    .await?;
+
+    let a = Instance::start(&env, &binary, &identity.kubeconfig, "noop-a")?;
+    let b = Instance::start(&env, &binary, &identity.kubeconfig, "noop-b")?;
+    let leases: Api<Lease> = env.api();
+
+    // Watch both instances the whole time: two leaders at once is the failure.
+    let overlap = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (overlap, stop) = (overlap.clone(), stop.clone());
+        let (ma, mb) = (a.metrics.clone(), b.metrics.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let (la, lb) = tokio::join!(is_leader(&ma), is_leader(&mb));
+                if la == Some(true) && lb == Some(true) {
+                    overlap.store(true, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    let (first, _) = wait_for_leader(&leases, &[&a, &b], None, Duration::from_secs(30)).await?;
+    let (leader, follower) = if first == a.identity { (a, b) } else { (b, a) };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        is_leader(&follower.metrics).await == Some(false),
+        "{} should follow",
+        follower.identity
+    );
+
+    // A crash: SIGKILL, so the lease is not released and must expire (15 s).
+    let killed_at = Instant::now();
+    leader.process.kill().await;
+    let (_, _) = wait_for_leader(
+        &leases,
+        &[&follower],
+        Some(&follower.identity),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let takeover = killed_at.elapsed();
+    eprintln!(
+        "takeover after SIGKILL of the leader: {:.1} s",
+        takeover.as_secs_f64()
+    );
+    ensure!(
+        takeover <= Duration::from_secs(22),
+        "takeover took {takeover:?} (lease duration is 15 s)"
+    );
+
+    // The killed instance comes back and must follow.
+    let identity_name = leader.identity.clone();
+    drop(leader);
+    let restarted = Instance::start(&env, &binary, &identity.kubeconfig, &identity_name)?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ensure!(
+        is_leader(&restarted.metrics).await == Some(false),
+        "the restarted instance must not lead"
+    );
+
+    // A clean stop releases the lease: the other takes over quickly.
+    let stopped_at = Instant::now();
+    ensure!(
+        follower.process.terminate(Duration::from_secs(20)).await,
+        "gantry-noop did not exit on SIGTERM"
+    );
+    let (_, _) = wait_for_leader(
+        &leases,
+        &[&restarted],
+        Some(&restarted.identity),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let handover = stopped_at.elapsed();
+    eprintln!(
+        "takeover after SIGTERM of the leader: {:.1} s",
+        handover.as_secs_f64()
+    );
+    ensure!(
+        handover <= Duration::from_secs(10),
+        "handover after a released lease took {handover:?}"
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    watcher.await?;
+    if overlap.load(Ordering::SeqCst) {
+        bail!("both instances reported leadership at the same time");
+    }
+    Ok(())
+}

@@ -360,6 +360,13 @@ pub struct RolloutStatus {
     /// Since when every member has been healthy (the bake time counts from here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy_since: Option<Time>,
+    /// Instances this rollout moved, by the revision each came from (ordinal ranges): where a
+    /// rollback returns them. Written before the batch starts, so it survives a restart.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub origins: BTreeMap<String, String>,
+    /// Whether a person aborted the rollout (it ends as Aborted rather than Failed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub aborted: bool,
     /// What the rollout waits for, or why it stopped.
     #[serde(default)]
     pub message: String,

@@ -1,0 +1,295 @@
+//! What the planner sees of the world: instances as plain data, with no Kubernetes client.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// An instance's number; its pod is `<app>-<ordinal>`.
+pub type Ordinal = i32;
+
+/// Seconds since the Unix epoch.
+pub type Seconds = i64;
+
+/// One container as the pod spec and status show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContainerView {
+    pub name: String,
+    /// The image the spec asks for.
+    pub image: String,
+    /// The image the running container was started from (status), if known.
+    pub running_image: Option<String>,
+    pub container_id: Option<String>,
+    pub restart_count: i32,
+    /// When the running container started.
+    pub started_at: Option<Seconds>,
+    pub ready: bool,
+}
+
+/// What a container looked like just before its in-place update: the update is done once the
+/// container is a different one (new ID or more restarts) that started after the patch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerBaseline {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    pub restart_count: i32,
+}
+
+/// The record of an in-place update, kept in an annotation on the pod so that a restarted
+/// operator knows exactly where each instance stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InPlaceRecord {
+    /// The revision the pod was patched to.
+    pub revision: String,
+    /// The revision it came from.
+    pub previous_revision: String,
+    /// When the patch was written.
+    pub patched_at: Seconds,
+    /// Baselines of the containers whose image changed.
+    pub containers: BTreeMap<String, ContainerBaseline>,
+}
+
+/// One instance's pod.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodView {
+    pub ordinal: Ordinal,
+    pub uid: String,
+    pub node: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// The revision label: what its containers run or are being moved to.
+    pub revision: Option<String>,
+    pub created_at: Seconds,
+    /// Being deleted.
+    pub deleting: bool,
+    /// Finished or failed for good (restartPolicy Never): only a new pod helps.
+    pub terminal: bool,
+    /// The pod's Ready condition.
+    pub ready: bool,
+    /// The operator's readiness gate: `None` when not yet set.
+    pub in_service: Option<bool>,
+    /// When the gate last changed.
+    pub in_service_since: Option<Seconds>,
+    pub containers: Vec<ContainerView>,
+    pub record: Option<InPlaceRecord>,
+}
+
+impl PodView {
+    /// Whether every container is ready (the pod's own readiness, ignoring our gate).
+    pub fn containers_ready(&self) -> bool {
+        !self.containers.is_empty() && self.containers.iter().all(|c| c.ready)
+    }
+
+    /// Whether the in-place update in `record` has visibly happened: each patched container is
+    /// a new one (new container ID or more restarts), started no earlier than the patch, and
+    /// runs the patched image. The image ID is deliberately not used: a tag moved to an image
+    /// with the same digest restarts the container without changing it.
+    pub fn in_place_done(&self) -> bool {
+        let Some(record) = &self.record else {
+            return true;
+        };
+        record.containers.iter().all(|(name, before)| {
+            self.containers.iter().any(|c| {
+                c.name == *name
+                    && (c.container_id.is_some() && c.container_id != before.container_id
+                        || c.restart_count > before.restart_count)
+                    && c.started_at.is_some_and(|t| t >= record.patched_at)
+            })
+        })
+    }
+
+    /// Restarts since the in-place update finished (or since the pod started).
+    pub fn restarts_since_update(&self) -> i32 {
+        self.containers
+            .iter()
+            .map(|c| {
+                let baseline = self
+                    .record
+                    .as_ref()
+                    .and_then(|r| r.containers.get(&c.name))
+                    .map_or(0, |b| b.restart_count + 1);
+                (c.restart_count - baseline).max(0)
+            })
+            .sum()
+    }
+
+    /// Available: Ready, gate included.
+    pub fn available(&self) -> bool {
+        !self.deleting && self.ready && self.in_service == Some(true)
+    }
+}
+
+/// An image reference in the form the container runtime reports it: a bare Docker Hub name
+/// gets its registry and `library/` prefix, and a missing tag becomes `latest`.
+pub fn normalize_image(image: &str) -> String {
+    let (name, digest) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (image, None),
+    };
+    let first = name.split('/').next().unwrap_or_default();
+    let has_registry =
+        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let mut full = if has_registry {
+        name.to_string()
+    } else if name.contains('/') {
+        format!("docker.io/{name}")
+    } else {
+        format!("docker.io/library/{name}")
+    };
+    let last = full.rsplit('/').next().unwrap_or_default();
+    if digest.is_none() && !last.contains(':') {
+        full.push_str(":latest");
+    }
+    match digest {
+        Some(d) => format!("{full}@{d}"),
+        None => full,
+    }
+}
+
+/// `0-1,3,5-24` for {0, 1, 3, 5, …, 24}.
+pub fn format_ranges(ordinals: &BTreeSet<Ordinal>) -> String {
+    let mut parts = Vec::new();
+    let mut iter = ordinals.iter().copied().peekable();
+    while let Some(start) = iter.next() {
+        let mut end = start;
+        while iter.peek() == Some(&(end + 1)) {
+            end += 1;
+            iter.next();
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+    }
+    parts.join(",")
+}
+
+/// The inverse of [`format_ranges`]; malformed parts are skipped.
+pub fn parse_ranges(text: &str) -> BTreeSet<Ordinal> {
+    let mut out = BTreeSet::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse::<Ordinal>(), b.parse::<Ordinal>()) {
+                    out.extend(a..=b);
+                }
+            }
+            None => {
+                if let Ok(n) = part.parse() {
+                    out.insert(n);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn container(id: &str, restarts: i32, started: Seconds, ready: bool) -> ContainerView {
+        ContainerView {
+            name: "app".into(),
+            image: "app:v2".into(),
+            running_image: Some("app:v2".into()),
+            container_id: Some(id.into()),
+            restart_count: restarts,
+            started_at: Some(started),
+            ready,
+        }
+    }
+
+    fn patched_pod(now_container: ContainerView) -> PodView {
+        PodView {
+            containers: vec![now_container],
+            record: Some(InPlaceRecord {
+                revision: "r2".into(),
+                previous_revision: "r1".into(),
+                patched_at: 100,
+                containers: [(
+                    "app".to_string(),
+                    ContainerBaseline {
+                        container_id: Some("c1".into()),
+                        restart_count: 0,
+                    },
+                )]
+                .into(),
+            }),
+            ..PodView::default()
+        }
+    }
+
+    #[test]
+    fn update_is_done_when_a_new_container_started_after_the_patch() {
+        assert!(patched_pod(container("c2", 1, 105, true)).in_place_done());
+    }
+
+    #[test]
+    fn the_old_container_is_not_done() {
+        assert!(!patched_pod(container("c1", 0, 50, true)).in_place_done());
+    }
+
+    #[test]
+    fn a_restart_from_before_the_patch_is_not_done() {
+        // New ID, but it started before the patch: a crash restart of the old image.
+        assert!(!patched_pod(container("c2", 1, 90, true)).in_place_done());
+    }
+
+    #[test]
+    fn same_container_id_but_more_restarts_counts() {
+        // Runtimes that reuse IDs still bump the restart count.
+        assert!(patched_pod(container("c1", 1, 101, true)).in_place_done());
+    }
+
+    #[test]
+    fn restarts_count_from_the_update() {
+        let pod = patched_pod(container("c2", 3, 105, true));
+        // Baseline 0 restarts, +1 for the update's own restart: 2 more since.
+        assert_eq!(pod.restarts_since_update(), 2);
+        let fresh = PodView {
+            containers: vec![container("c1", 0, 1, true)],
+            ..PodView::default()
+        };
+        assert_eq!(fresh.restarts_since_update(), 0);
+    }
+
+    #[test]
+    fn images_normalize_like_the_runtime_reports_them() {
+        assert_eq!(normalize_image("nginx"), "docker.io/library/nginx:latest");
+        assert_eq!(
+            normalize_image("nginx:1.25"),
+            "docker.io/library/nginx:1.25"
+        );
+        assert_eq!(normalize_image("team/app:v1"), "docker.io/team/app:v1");
+        assert_eq!(
+            normalize_image("registry.local:5000/ocr:v8"),
+            "registry.local:5000/ocr:v8"
+        );
+        assert_eq!(
+            normalize_image("ocr@sha256:abc"),
+            "docker.io/library/ocr@sha256:abc"
+        );
+        assert_eq!(
+            normalize_image(&normalize_image("ocr:v7")),
+            normalize_image("ocr:v7")
+        );
+    }
+
+    #[test]
+    fn ranges_read_well() {
+        let set: BTreeSet<_> = [0, 1, 3, 5, 6, 7, 24].into();
+        assert_eq!(format_ranges(&set), "0-1,3,5-7,24");
+        assert_eq!(parse_ranges("0-1,3,5-7,24"), set);
+        assert_eq!(format_ranges(&BTreeSet::new()), "");
+    }
+
+    proptest! {
+        #[test]
+        fn ranges_round_trip(set in proptest::collection::btree_set(0i32..500, 0..100)) {
+            prop_assert_eq!(parse_ranges(&format_ranges(&set)), set);
+        }
+    }
+}

@@ -1,0 +1,882 @@
+//! Planner tests against a simulated world: pods that restart when their image is patched,
+//! become Ready, and (when told) never do. Each scenario of the user story is played out step by
+//! step; property tests play out random plans and states.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use proptest::prelude::*;
+
+use crate::api::{
+    Batch, FailurePolicy, GrayAppSpec, GrayAppStatus, Promotion, RevisionStatus, RolloutPhase,
+    UpdateStrategy,
+};
+use crate::model::{ContainerView, Ordinal, PodView, Seconds, format_ranges};
+use crate::plan::{Action, DeleteReason, Input, Plan, desired_ordinals, max_unavailable, plan};
+use crate::revision::{Revision, with_images};
+
+fn template(image: &str, env: Option<&str>) -> PodTemplateSpec {
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some([("app".to_string(), "ocr".to_string())].into()),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "ocr".into(),
+                image: Some(image.into()),
+                args: env.map(|e| vec![e.to_string()]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+    }
+}
+
+fn spec(replicas: i32, image: &str, update: UpdateStrategy) -> GrayAppSpec {
+    GrayAppSpec {
+        replicas,
+        selector: LabelSelector {
+            match_labels: Some([("app".to_string(), "ocr".to_string())].into()),
+            ..LabelSelector::default()
+        },
+        template: template(image, None),
+        volume_claim_templates: Vec::new(),
+        remove_instances: Vec::new(),
+        variants: Vec::new(),
+        update,
+        revision_history_limit: 10,
+    }
+}
+
+fn batches(list: Vec<Batch>, promotion: Promotion, max_unavailable: i32) -> UpdateStrategy {
+    UpdateStrategy {
+        batches: list,
+        promotion,
+        max_unavailable: IntOrString::Int(max_unavailable),
+        ..UpdateStrategy::default()
+    }
+}
+
+fn instances(list: &[i32]) -> Batch {
+    Batch {
+        instances: Some(list.to_vec()),
+        ..Batch::default()
+    }
+}
+
+fn count(n: IntOrString) -> Batch {
+    Batch {
+        count: Some(n),
+        ..Batch::default()
+    }
+}
+
+/// A cluster in miniature: the planner's actions happen, and pods restart and become ready
+/// the next tick, unless their image is in `broken_images`.
+struct World {
+    spec: GrayAppSpec,
+    status: GrayAppStatus,
+    pods: BTreeMap<Ordinal, PodView>,
+    revisions: BTreeMap<String, Revision>,
+    approve: Option<String>,
+    abort: Option<String>,
+    now: Seconds,
+    next_id: u64,
+    broken_images: BTreeSet<String>,
+    /// Instances whose containers never become Ready on any image but the original `ocr:v7`.
+    broken_instances: BTreeSet<Ordinal>,
+    /// Every disruptive action taken, for the "never twice" checks.
+    patches: Vec<(Ordinal, String)>,
+    recreates: Vec<Ordinal>,
+}
+
+impl World {
+    /// A settled app: every instance on `spec`'s template, Ready and in service.
+    fn settled(spec: GrayAppSpec) -> Self {
+        let mut world = World {
+            spec,
+            status: GrayAppStatus::default(),
+            pods: BTreeMap::new(),
+            revisions: BTreeMap::new(),
+            approve: None,
+            abort: None,
+            now: 1_000,
+            next_id: 0,
+            broken_images: BTreeSet::new(),
+            broken_instances: BTreeSet::new(),
+            patches: Vec::new(),
+            recreates: Vec::new(),
+        };
+        world.run(200);
+        assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+        assert!(world.all_available(), "settled world is available");
+        world.patches.clear();
+        world.recreates.clear();
+        world
+    }
+
+    fn set_template(&mut self, template: PodTemplateSpec) {
+        self.spec.template = template;
+    }
+
+    fn update_revision(&self) -> Revision {
+        Revision::new("ocr", self.spec.template.clone())
+    }
+
+    fn variant_revisions(&mut self) -> BTreeMap<Ordinal, String> {
+        let mut out = BTreeMap::new();
+        for v in self.spec.variants.clone() {
+            let r = Revision::new("ocr", with_images(&self.spec.template, &v.images));
+            for o in &v.instances {
+                out.insert(*o, r.name.clone());
+            }
+            self.revisions.insert(r.name.clone(), r);
+        }
+        out
+    }
+
+    fn plan(&mut self) -> Plan {
+        let update = self.update_revision();
+        self.revisions.insert(update.name.clone(), update.clone());
+        let variants = self.variant_revisions();
+        let input = Input {
+            spec: &self.spec,
+            approve: self.approve.as_deref(),
+            abort: self.abort.as_deref(),
+            status: &self.status,
+            pods: &self.pods,
+            revisions: &self.revisions,
+            update_revision: &update.name,
+            variant_revisions: &variants,
+            now: self.now,
+        };
+        plan(&input)
+    }
+
+    fn container(&mut self, image: &str) -> ContainerView {
+        self.next_id += 1;
+        ContainerView {
+            name: "ocr".into(),
+            image: image.into(),
+            running_image: Some(image.into()),
+            container_id: Some(format!("c{}", self.next_id)),
+            restart_count: 0,
+            started_at: Some(self.now),
+            ready: !self.broken_images.contains(image),
+        }
+    }
+
+    fn apply(&mut self, action: &Action) {
+        match action {
+            Action::Create { ordinal, revision } => {
+                let image = self.revisions[revision].images()["ocr"].clone();
+                let container = self.container(&image);
+                self.pods.insert(
+                    *ordinal,
+                    PodView {
+                        ordinal: *ordinal,
+                        uid: format!("uid-{ordinal}-{}", self.next_id),
+                        node: Some(format!("node-{}", ordinal % 3)),
+                        labels: [
+                            ("app".to_string(), "ocr".to_string()),
+                            (
+                                "track".to_string(),
+                                if ordinal % 2 == 0 { "even" } else { "odd" }.to_string(),
+                            ),
+                        ]
+                        .into(),
+                        revision: Some(revision.clone()),
+                        created_at: self.now,
+                        containers: vec![container],
+                        ..PodView::default()
+                    },
+                );
+            }
+            Action::Delete {
+                ordinal, reason, ..
+            } => {
+                if *reason == DeleteReason::Recreate {
+                    self.recreates.push(*ordinal);
+                }
+                self.pods.remove(ordinal);
+            }
+            Action::TakeOutOfService { ordinal, .. } => {
+                let pod = self.pods.get_mut(ordinal).expect("pod exists");
+                pod.in_service = Some(false);
+                pod.in_service_since = Some(self.now);
+                pod.ready = false;
+            }
+            Action::PatchInPlace {
+                ordinal,
+                revision,
+                images,
+                record,
+                ..
+            } => {
+                self.patches.push((*ordinal, revision.clone()));
+                let pod = self.pods.get_mut(ordinal).expect("pod exists");
+                pod.revision = Some(revision.clone());
+                for c in &mut pod.containers {
+                    if let Some(image) = images.get(&c.name) {
+                        c.image = image.clone();
+                    }
+                }
+                pod.record = Some(record.clone());
+            }
+            Action::PutInService { ordinal, .. } => {
+                let pod = self.pods.get_mut(ordinal).expect("pod exists");
+                pod.in_service = Some(true);
+                pod.in_service_since = Some(self.now);
+            }
+        }
+    }
+
+    /// The kubelet: containers whose image changed restart with it; readiness follows.
+    fn tick(&mut self) {
+        self.now += 1;
+        let ids: Vec<Ordinal> = self.pods.keys().copied().collect();
+        for o in ids {
+            let needs_restart: Vec<String> = self.pods[&o]
+                .containers
+                .iter()
+                .filter(|c| c.running_image.as_deref() != Some(c.image.as_str()))
+                .map(|c| c.image.clone())
+                .collect();
+            for image in needs_restart {
+                let mut fresh = self.container(&image);
+                fresh.ready &= !(self.broken_instances.contains(&o) && image != "ocr:v7");
+                let pod = self.pods.get_mut(&o).expect("pod exists");
+                if let Some(c) = pod.containers.iter_mut().find(|c| c.image == image) {
+                    fresh.restart_count = c.restart_count + 1;
+                    *c = fresh;
+                }
+            }
+            let pod = self.pods.get_mut(&o).expect("pod exists");
+            pod.ready = pod.containers_ready() && pod.in_service == Some(true);
+        }
+    }
+
+    /// The controller's status write, from the plan and the pods.
+    fn record_status(&mut self, plan: &Plan) {
+        self.status.rollout = Some(plan.rollout.clone());
+        self.status.current_revision = plan.current_revision.clone();
+        let mut by_revision: BTreeMap<String, BTreeSet<Ordinal>> = BTreeMap::new();
+        for (o, p) in &self.pods {
+            if let Some(r) = &p.revision {
+                by_revision.entry(r.clone()).or_default().insert(*o);
+            }
+        }
+        self.status.revisions = by_revision
+            .into_iter()
+            .map(|(name, set)| RevisionStatus {
+                name,
+                count: i32::try_from(set.len()).unwrap_or(0),
+                instances: format_ranges(&set),
+                ..RevisionStatus::default()
+            })
+            .collect();
+    }
+
+    fn desired(&self) -> Vec<Ordinal> {
+        desired_ordinals(self.spec.replicas, &self.spec.remove_instances)
+    }
+
+    fn unavailable(&self) -> usize {
+        self.desired()
+            .iter()
+            .filter(|o| !self.pods.get(o).is_some_and(PodView::available))
+            .count()
+    }
+
+    fn all_available(&self) -> bool {
+        self.unavailable() == 0
+    }
+
+    fn rollout_phase(&self) -> Option<RolloutPhase> {
+        self.status.rollout.as_ref().map(|r| r.phase)
+    }
+
+    fn revision_of(&self, o: Ordinal) -> Option<String> {
+        self.pods.get(&o).and_then(|p| p.revision.clone())
+    }
+
+    /// One reconcile and one tick; checks the invariants every step must keep.
+    fn step(&mut self) -> Plan {
+        let before = self.unavailable();
+        let plan = self.plan();
+        let budget = max_unavailable(&self.spec.update.max_unavailable, self.desired().len());
+        let members: BTreeSet<Ordinal> = plan.rollout.members.iter().copied().collect();
+        let origins: BTreeSet<Ordinal> = plan
+            .rollout
+            .origins
+            .values()
+            .flat_map(|r| crate::model::parse_ranges(r))
+            .collect();
+        let variant_instances: BTreeSet<Ordinal> = self
+            .spec
+            .variants
+            .iter()
+            .flat_map(|v| v.instances.iter().copied())
+            .collect();
+        for action in &plan.actions {
+            let moves = matches!(
+                action,
+                Action::TakeOutOfService { .. }
+                    | Action::PatchInPlace { .. }
+                    | Action::Delete {
+                        reason: DeleteReason::Recreate,
+                        ..
+                    }
+            );
+            if moves {
+                let o = action.ordinal();
+                let allowed = members.contains(&o)
+                    || variant_instances.contains(&o)
+                    || (plan.rollout.phase == RolloutPhase::RollingBack && origins.contains(&o));
+                assert!(
+                    allowed,
+                    "moved instance {o} outside the batch {members:?}: {action:?}"
+                );
+            }
+        }
+        for action in &plan.actions {
+            self.apply(action);
+        }
+        let after = self.unavailable();
+        assert!(
+            after <= budget.max(before),
+            "unavailable went from {before} to {after} with budget {budget}: {:?}",
+            plan.actions
+        );
+        self.record_status(&plan);
+        self.tick();
+        plan
+    }
+
+    fn run(&mut self, steps: usize) {
+        for _ in 0..steps {
+            let plan = self.step();
+            if plan.actions.is_empty()
+                && matches!(
+                    plan.rollout.phase,
+                    RolloutPhase::Completed
+                        | RolloutPhase::Failed
+                        | RolloutPhase::Aborted
+                        | RolloutPhase::AwaitingApproval
+                )
+                && self.all_available()
+            {
+                return;
+            }
+        }
+    }
+
+    fn approve_current(&mut self) {
+        let r = self.status.rollout.as_ref().expect("a rollout");
+        self.approve = Some(format!("{}/{}", r.revision, r.batch));
+    }
+}
+
+fn ocr_world(update: UpdateStrategy) -> World {
+    World::settled(spec(25, "ocr:v7", update))
+}
+
+#[test]
+fn ocr_story_three_batches_with_manual_approval() {
+    let mut world = ocr_world(batches(
+        vec![
+            instances(&[2, 5, 11]),
+            count(IntOrString::Int(10)),
+            Batch::default(),
+        ],
+        Promotion::Manual,
+        3,
+    ));
+    let uids: BTreeMap<Ordinal, String> = world
+        .pods
+        .iter()
+        .map(|(o, p)| (*o, p.uid.clone()))
+        .collect();
+    world.set_template(template("ocr:v8", None));
+    let v8 = world.update_revision().name;
+
+    world.run(100);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::AwaitingApproval));
+    let on_v8: BTreeSet<Ordinal> = world
+        .pods
+        .keys()
+        .copied()
+        .filter(|o| world.revision_of(*o) == Some(v8.clone()))
+        .collect();
+    assert_eq!(
+        on_v8,
+        [2, 5, 11].into(),
+        "batch 1 is exactly the named instances"
+    );
+
+    world.approve_current();
+    world.run(100);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::AwaitingApproval));
+    let on_v8 = world
+        .pods
+        .keys()
+        .filter(|o| world.revision_of(**o) == Some(v8.clone()))
+        .count();
+    assert_eq!(on_v8, 13, "batch 2 adds 10 more");
+
+    world.approve_current();
+    world.run(200);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    assert!(
+        world
+            .pods
+            .values()
+            .all(|p| p.revision.as_deref() == Some(v8.as_str()))
+    );
+    assert_eq!(world.status.current_revision.as_deref(), Some(v8.as_str()));
+    // In place throughout: same pods (UIDs), each patched exactly once, none recreated.
+    for (o, uid) in &uids {
+        assert_eq!(&world.pods[o].uid, uid, "instance {o} kept its pod");
+    }
+    assert!(world.recreates.is_empty());
+    let mut patched: Vec<Ordinal> = world.patches.iter().map(|(o, _)| *o).collect();
+    patched.sort_unstable();
+    assert_eq!(
+        patched,
+        (0..25).collect::<Vec<_>>(),
+        "every instance patched once"
+    );
+}
+
+#[test]
+fn without_approval_the_rollout_waits() {
+    let mut world = ocr_world(batches(
+        vec![instances(&[1]), Batch::default()],
+        Promotion::Manual,
+        1,
+    ));
+    world.set_template(template("ocr:v8", None));
+    world.run(50);
+    world.run(50);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::AwaitingApproval));
+    // A stale approval (another revision) does not count.
+    world.approve = Some("ocr-0000000000/0".into());
+    world.run(50);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::AwaitingApproval));
+}
+
+#[test]
+fn partial_plan_leaves_several_versions_at_rest() {
+    let mut world = ocr_world(batches(vec![instances(&[2, 5, 11])], Promotion::Auto, 1));
+    world.set_template(template("ocr:v8", None));
+    world.run(100);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    let v8 = world.update_revision().name;
+    let count = world
+        .pods
+        .values()
+        .filter(|p| p.revision.as_deref() == Some(v8.as_str()))
+        .count();
+    assert_eq!(count, 3);
+    // A new instance starts on the completed rollout's revision.
+    world.spec.replicas = 26;
+    world.run(20);
+    assert_eq!(world.revision_of(25), Some(v8));
+}
+
+#[test]
+fn variants_run_other_images_side_by_side() {
+    let mut world = ocr_world(UpdateStrategy::default());
+    world.spec.variants = vec![
+        crate::api::Variant {
+            name: "v8".into(),
+            instances: vec![2, 5, 11],
+            images: [("ocr".to_string(), "ocr:v8".to_string())].into(),
+        },
+        crate::api::Variant {
+            name: "v9".into(),
+            instances: vec![4],
+            images: [("ocr".to_string(), "ocr:v9".to_string())].into(),
+        },
+    ];
+    world.run(100);
+    let image = |o: Ordinal| world.pods[&o].containers[0].image.clone();
+    assert_eq!(image(2), "ocr:v8");
+    assert_eq!(image(11), "ocr:v8");
+    assert_eq!(image(4), "ocr:v9");
+    assert_eq!(image(0), "ocr:v7");
+    assert!(world.all_available());
+}
+
+#[test]
+fn failed_batch_rolls_back_in_place() {
+    let mut world = ocr_world(batches(
+        vec![instances(&[2, 5]), Batch::default()],
+        Promotion::Auto,
+        2,
+    ));
+    world.spec.update.health.progress_deadline_seconds = 20;
+    world.broken_images.insert("ocr:v8".into());
+    let v7 = world.update_revision().name;
+    world.set_template(template("ocr:v8", None));
+    world.run(200);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Failed));
+    assert!(
+        world
+            .pods
+            .values()
+            .all(|p| p.revision.as_deref() == Some(v7.as_str())),
+        "everyone is back on v7"
+    );
+    assert!(world.all_available());
+    assert!(world.recreates.is_empty(), "rollback was in place");
+    // Nothing outside the first batch was touched.
+    assert!(
+        world.patches.iter().all(|(o, _)| [2, 5].contains(o)),
+        "{:?}",
+        world.patches
+    );
+}
+
+#[test]
+fn failure_budget_rolls_back_only_the_failed_instance() {
+    let mut world = ocr_world(batches(vec![instances(&[2, 5])], Promotion::Auto, 2));
+    world.spec.update.health.progress_deadline_seconds = 20;
+    world.spec.update.health.max_failed_instances = 1;
+    world.broken_instances.insert(5);
+    let v7 = world.update_revision().name;
+    world.set_template(template("ocr:v8", None));
+    let v8 = world.update_revision().name;
+    world.run(200);
+    assert_eq!(
+        world.rollout_phase(),
+        Some(RolloutPhase::Completed),
+        "within budget the batch passes"
+    );
+    assert_eq!(world.revision_of(2), Some(v8));
+    assert_eq!(
+        world.revision_of(5),
+        Some(v7),
+        "the failed instance went back alone"
+    );
+}
+
+#[test]
+fn beyond_the_failure_budget_the_whole_batch_rolls_back() {
+    let mut world = ocr_world(batches(
+        vec![instances(&[2, 5]), Batch::default()],
+        Promotion::Auto,
+        2,
+    ));
+    world.spec.update.health.progress_deadline_seconds = 20;
+    world.broken_instances.insert(5);
+    let v7 = world.update_revision().name;
+    world.set_template(template("ocr:v8", None));
+    world.run(200);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Failed));
+    assert_eq!(
+        world.revision_of(2),
+        Some(v7.clone()),
+        "the healthy member went back too"
+    );
+    assert_eq!(world.revision_of(5), Some(v7));
+    assert!(world.all_available());
+}
+
+#[test]
+fn abort_mid_batch_returns_moved_instances() {
+    let mut world = ocr_world(batches(vec![instances(&[1, 2, 3, 4])], Promotion::Auto, 1));
+    let v7 = world.update_revision().name;
+    world.set_template(template("ocr:v8", None));
+    let v8 = world.update_revision().name;
+    world.run(4); // mid-batch: some instances moved, one in flight
+    world.abort = Some(v8);
+    world.run(200);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Aborted));
+    assert!(
+        world
+            .pods
+            .values()
+            .all(|p| p.revision.as_deref() == Some(v7.as_str()))
+    );
+    assert!(world.all_available());
+}
+
+#[test]
+fn template_revert_mid_update_converges() {
+    let mut world = ocr_world(UpdateStrategy::default());
+    let v7 = world.update_revision().name;
+    world.set_template(template("ocr:v8", None));
+    world.run(3); // instance 0 out of service or patched, not done
+    assert!(
+        world.pods.values().any(|p| p.in_service == Some(false)),
+        "something is mid-update"
+    );
+    world.set_template(template("ocr:v7", None));
+    world.run(200);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    assert!(
+        world
+            .pods
+            .values()
+            .all(|p| p.revision.as_deref() == Some(v7.as_str()))
+    );
+    assert!(world.all_available());
+}
+
+#[test]
+fn retarget_to_the_still_running_image_does_not_wait_for_a_restart() {
+    let mut world = ocr_world(UpdateStrategy::default());
+    world.set_template(template("ocr:v8", None));
+    // Plan until instance 0 is patched, but do not let the kubelet restart it.
+    loop {
+        let plan = world.plan();
+        let patched = plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::PatchInPlace { .. }));
+        for a in &plan.actions {
+            world.apply(a);
+        }
+        world.record_status(&plan);
+        world.now += 1;
+        if patched {
+            break;
+        }
+    }
+    world.set_template(template("ocr:v7", None));
+    world.run(200);
+    assert!(
+        world.all_available(),
+        "no instance is left waiting for a restart that never comes"
+    );
+}
+
+#[test]
+fn same_digest_tag_change_completes() {
+    // The new tag points at the same image: the runtime reports the same image ID, but the
+    // container is restarted; completion must not depend on the image ID.
+    let mut world = ocr_world(UpdateStrategy::default());
+    world.set_template(template("ocr:v7-retag", None));
+    world.run(200);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    assert!(world.all_available());
+}
+
+#[test]
+fn non_image_change_recreates_under_the_same_name() {
+    let mut world = ocr_world(batches(vec![], Promotion::Auto, 2));
+    world.set_template(template("ocr:v7", Some("--fast")));
+    world.run(300);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    assert_eq!(world.recreates.len(), 25);
+    assert!(world.patches.is_empty());
+    assert_eq!(
+        world.pods.keys().copied().collect::<Vec<_>>(),
+        (0..25).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn pause_starts_nothing_new_but_finishes_what_is_in_flight() {
+    let mut world = ocr_world(UpdateStrategy::default());
+    world.set_template(template("ocr:v8", None));
+    world.run(2);
+    world.spec.update.paused = true;
+    world.run(50);
+    assert!(world.all_available(), "in-flight update finished");
+    let v8 = world.update_revision().name;
+    let moved = world
+        .pods
+        .values()
+        .filter(|p| p.revision.as_deref() == Some(v8.as_str()))
+        .count();
+    assert!(moved < 25, "paused before everyone moved");
+    let plan = world.plan();
+    assert!(plan.actions.is_empty());
+    assert!(plan.held_back > 0);
+    world.spec.update.paused = false;
+    world.run(200);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+}
+
+#[test]
+fn scale_down_removes_highest_or_named_instances() {
+    let mut world = ocr_world(UpdateStrategy::default());
+    world.spec.replicas = 23;
+    world.run(10);
+    assert_eq!(world.pods.keys().copied().max(), Some(22));
+    world.spec.remove_instances = vec![7];
+    world.run(10);
+    assert!(!world.pods.contains_key(&7));
+    assert_eq!(world.pods.len(), 23);
+    assert!(world.pods.contains_key(&23));
+}
+
+#[test]
+fn restart_of_the_operator_mid_batch_resumes_without_double_upgrades() {
+    let mut world = ocr_world(batches(
+        vec![count(IntOrString::Int(5)), Batch::default()],
+        Promotion::Auto,
+        2,
+    ));
+    world.set_template(template("ocr:v8", None));
+    world.run(3);
+    // The operator dies: its in-memory state is gone, only status and pods remain. A fresh
+    // planner (the same pure function) continues from them.
+    let status = world.status.clone();
+    world.status = status;
+    world.run(300);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    let mut patched: Vec<Ordinal> = world.patches.iter().map(|(o, _)| *o).collect();
+    patched.sort_unstable();
+    let unique: BTreeSet<Ordinal> = patched.iter().copied().collect();
+    assert_eq!(
+        patched.len(),
+        unique.len(),
+        "no instance patched twice: {patched:?}"
+    );
+    assert_eq!(unique.len(), 25);
+}
+
+#[test]
+fn batch_members_are_fixed_before_anything_moves() {
+    let mut world = ocr_world(batches(
+        vec![count(IntOrString::String("20%".into()))],
+        Promotion::Auto,
+        5,
+    ));
+    world.set_template(template("ocr:v8", None));
+    let first = world.plan();
+    assert!(
+        first.actions.is_empty(),
+        "the batch is recorded before it acts"
+    );
+    assert_eq!(first.rollout.members, vec![0, 1, 2, 3, 4]);
+    assert!(first.rollout.origins.values().any(|r| r == "0-4"));
+}
+
+#[test]
+fn percentages_round_as_documented() {
+    assert_eq!(max_unavailable(&IntOrString::String("10%".into()), 25), 2);
+    assert_eq!(
+        max_unavailable(&IntOrString::String("1%".into()), 25),
+        1,
+        "never zero"
+    );
+    assert_eq!(max_unavailable(&IntOrString::Int(3), 25), 3);
+    assert_eq!(desired_ordinals(3, &[1]), vec![0, 2, 3]);
+}
+
+fn arb_batch() -> impl Strategy<Value = Batch> {
+    prop_oneof![
+        proptest::collection::btree_set(0i32..12, 1..4)
+            .prop_map(|s| instances(&s.into_iter().collect::<Vec<_>>())),
+        (1i32..6).prop_map(|n| count(IntOrString::Int(n))),
+        (1i32..100).prop_map(|p| count(IntOrString::String(format!("{p}%")))),
+        Just(Batch {
+            selector: Some(LabelSelector {
+                match_labels: Some([("track".to_string(), "even".to_string())].into()),
+                ..LabelSelector::default()
+            }),
+            ..Batch::default()
+        }),
+        Just(Batch::default()),
+    ]
+}
+
+/// Batches that would pass admission: no instance in two batches.
+fn distinct(batches: Vec<Batch>) -> Vec<Batch> {
+    let mut seen = BTreeSet::new();
+    batches
+        .into_iter()
+        .filter_map(|mut b| {
+            if let Some(list) = b.instances.take() {
+                let fresh: Vec<i32> = list.into_iter().filter(|o| seen.insert(*o)).collect();
+                if fresh.is_empty() {
+                    return None;
+                }
+                b.instances = Some(fresh);
+            }
+            Some(b)
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Any plan on any app converges, every step within the budget and the batch (checked in
+    /// `World::step`), and instances end where the plan puts them.
+    #[test]
+    fn any_plan_converges_within_budget(
+        replicas in 1i32..12,
+        max_unavail in 1i32..4,
+        plan_batches in proptest::collection::vec(arb_batch(), 0..4),
+        recreate in any::<bool>(),
+    ) {
+        let update = batches(distinct(plan_batches.clone()), Promotion::Auto, max_unavail);
+        let mut world = World::settled(spec(replicas, "ocr:v7", update));
+        world.set_template(template("ocr:v8", recreate.then_some("--changed")));
+        let v8 = world.update_revision().name;
+        world.run(600);
+        prop_assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+        prop_assert!(world.all_available());
+        let unique: BTreeSet<Ordinal> = world.patches.iter().map(|(o, _)| *o).collect();
+        prop_assert_eq!(unique.len(), world.patches.len(), "an instance was patched twice");
+        let ends_on_v8 = world.pods.values().filter(|p| p.revision.as_deref() == Some(v8.as_str())).count();
+        if distinct(plan_batches).is_empty() {
+            prop_assert_eq!(ends_on_v8, usize::try_from(replicas).unwrap_or(0));
+        }
+    }
+
+    /// From any mix of unavailable and mid-update instances, one plan never disrupts beyond the
+    /// budget, and never moves an instance outside the batch.
+    #[test]
+    fn one_step_from_any_state_respects_budget_and_batch(
+        replicas in 2i32..15,
+        max_unavail in 1i32..4,
+        broken in proptest::collection::btree_set(0i32..15, 0..5),
+        out_of_service in proptest::collection::btree_set(0i32..15, 0..3),
+        first in proptest::collection::btree_set(0i32..15, 1..5),
+    ) {
+        let update = batches(vec![instances(&first.iter().copied().filter(|o| *o < replicas).chain([0]).collect::<BTreeSet<_>>().into_iter().collect::<Vec<_>>())], Promotion::Auto, max_unavail);
+        let mut world = World::settled(spec(replicas, "ocr:v7", update));
+        for o in &broken {
+            if let Some(p) = world.pods.get_mut(o) {
+                p.ready = false;
+                p.containers[0].ready = false;
+            }
+        }
+        for o in &out_of_service {
+            if let Some(p) = world.pods.get_mut(o) {
+                p.in_service = Some(false);
+                p.ready = false;
+            }
+        }
+        world.set_template(template("ocr:v8", None));
+        for _ in 0..6 {
+            world.step();
+        }
+    }
+}
+
+#[test]
+fn failure_pause_policy_stops_without_rolling_back() {
+    let mut world = ocr_world(batches(vec![instances(&[3])], Promotion::Auto, 1));
+    world.spec.update.health.progress_deadline_seconds = 10;
+    world.spec.update.health.on_failure = FailurePolicy::Pause;
+    world.broken_images.insert("ocr:v8".into());
+    world.set_template(template("ocr:v8", None));
+    world.run(100);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Failed));
+    let v8 = world.update_revision().name;
+    assert_eq!(
+        world.revision_of(3),
+        Some(v8),
+        "left in place for a person to look at"
+    );
+}

@@ -617,15 +617,17 @@ async fn kit_operator_instances_never_lead_at_once_and_take_over_from_a_dead_lea
     let env = TestEnv::new("leader").await?;
     let binary = noop_binary()?;
     let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/noop");
-    // Runs as the ServiceAccount the chart creates, with exactly the chart's RBAC.
-    let release = format!("noop-{}", env.namespace());
+    // Runs as the ServiceAccount the chart creates, with exactly the chart's RBAC, rendered as
+    // for two replicas (which is what turns leader election on). The chart names its
+    // cluster-scoped RBAC after its full name, so that is made unique to the test.
+    let fullname = format!("noop-{}", env.namespace());
     let identity = identity_from_chart(
         &env.cluster,
         &env.client,
         &chart,
-        &release,
+        "noop",
         env.namespace(),
-        &[],
+        &[("replicas", "2"), ("fullnameOverride", &fullname)],
         None,
     )
     .await?;

@@ -1,0 +1,61 @@
+# Local Kubernetes for the end-to-end tests and the demo. Included by the top-level Makefile,
+# which provides GANTRY_CACHE, CARGO, GO and HELM3 (and the $(HELM3) target).
+#
+#   make k8s-bins                  build (or find cached) etcd, kube-apiserver, controller-manager,
+#                                  scheduler, kubectl (one multi-call binary) and kwok
+#   make cluster-up [CLUSTER=name] [NODES=n] [CAPACITY="nvidia.com/gpu=8 ..."]
+#   make cluster-down [CLUSTER=name]   (without CLUSTER: every cluster)
+#   make test-e2e [KEEP_CLUSTER=1]     the end-to-end tests, on cluster "e2e"
+#   make demo-cluster                  a cluster "gantry" and how to point kubectl at it
+
+GANTRY_CACHE ?= $(HOME)/.cache/gantry
+CARGO ?= cargo
+GO ?= go
+
+E2E_BUILD := e2e/cluster/build.sh
+E2E_CLUSTER_CLI = $(CARGO) run --quiet -p gantry-e2e --bin gantry-cluster --
+E2E_NODES_ARGS = --nodes $(or $(NODES),3) $(foreach c,$(CAPACITY),--capacity $(c))
+
+.PHONY: k8s-bins
+k8s-bins: ## Build the control plane and kwok from their Go modules (cached; rebuilt only when pins change).
+	@GANTRY_CACHE=$(GANTRY_CACHE) GO=$(GO) $(E2E_BUILD) >/dev/null
+
+.PHONY: cluster-up
+cluster-up: k8s-bins ## Start local cluster $(CLUSTER) (default "gantry"); prints `export KUBECONFIG=...`.
+	@GANTRY_K8S_BIN_DIR=$$(GANTRY_CACHE=$(GANTRY_CACHE) GO=$(GO) $(E2E_BUILD)) \
+	  $(E2E_CLUSTER_CLI) up --name $(or $(CLUSTER),gantry) $(E2E_NODES_ARGS)
+
+.PHONY: cluster-down
+cluster-down: ## Stop local cluster $(CLUSTER) and remove its state (all clusters without CLUSTER).
+	@$(E2E_CLUSTER_CLI) down $(if $(CLUSTER),--name $(CLUSTER),--all)
+
+.PHONY: cluster-list
+cluster-list: ## List local clusters and their health.
+	@$(E2E_CLUSTER_CLI) list
+
+.PHONY: demo-cluster
+demo-cluster: k8s-bins ## Start the demo cluster and print how to use kubectl with it.
+	@bins=$$(GANTRY_CACHE=$(GANTRY_CACHE) GO=$(GO) $(E2E_BUILD)); \
+	  GANTRY_K8S_BIN_DIR=$$bins $(E2E_CLUSTER_CLI) up --name $(or $(CLUSTER),gantry) $(E2E_NODES_ARGS); \
+	  echo "# kubectl $$($$bins/kubectl version --client | head -1 | awk '{print $$3}') matching the server:"; \
+	  echo "export PATH=$$bins:\$$PATH"; \
+	  echo "# then: kubectl get nodes; stop it with: make cluster-down CLUSTER=$(or $(CLUSTER),gantry)"
+
+.PHONY: test-e2e
+test-e2e: k8s-bins ## End-to-end tests against a local cluster ("e2e"; stopped afterwards unless KEEP_CLUSTER=1).
+	$(if $(HELM3),@$(MAKE) $(HELM3))
+	@bins=$$(GANTRY_CACHE=$(GANTRY_CACHE) GO=$(GO) $(E2E_BUILD)); \
+	  noop=$$($(CARGO) build --quiet -p gantry-kit --bin gantry-noop --message-format=json \
+	    | sed -n 's/.*"executable":"\([^"]*gantry-noop\)".*/\1/p' | tail -1); \
+	  test -n "$$noop" || { echo "could not build gantry-noop"; exit 1; }; \
+	  start=$$(date +%s); status=0; \
+	  GANTRY_K8S_BIN_DIR=$$bins GANTRY_NOOP_BIN=$$noop HELM3=$(HELM3) GANTRY_E2E_CLUSTER=e2e \
+	    $(CARGO) test -p gantry-e2e $(E2E_TEST_ARGS) || status=$$?; \
+	  echo "test-e2e: $$(( $$(date +%s) - start )) s"; \
+	  if [ -z "$(KEEP_CLUSTER)" ]; then $(E2E_CLUSTER_CLI) down --name e2e; fi; \
+	  exit $$status
+
+.PHONY: bench-cluster
+bench-cluster: k8s-bins ## Control-plane memory at idle and with PODS pods (1000) on NODES kwok nodes (100).
+	@GANTRY_K8S_BIN_DIR=$$(GANTRY_CACHE=$(GANTRY_CACHE) GO=$(GO) $(E2E_BUILD)) \
+	  $(CARGO) run --quiet -p gantry-e2e --bin gantry-cluster -- bench --nodes $(or $(NODES),100) --pods $(or $(PODS),1000)

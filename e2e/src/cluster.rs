@@ -467,6 +467,15 @@ async fn start(
             &[localhost, "::1".parse()?, service_ip],
         )?
         .write(pki_dir, "apiserver")?;
+    // The aggregation layer's front proxy: its own CA and the client certificate the API
+    // server presents to aggregated API servers (components read the CA as the request-header
+    // CA from kube-system/extension-apiserver-authentication).
+    let front_proxy_ca = Ca::new(&format!("gantry-{}-front-proxy-ca", spec.name))?;
+    let front_proxy_ca_crt = pki_dir.join("front-proxy-ca.crt");
+    std::fs::write(&front_proxy_ca_crt, front_proxy_ca.cert_pem())?;
+    let (proxy_client_crt, proxy_client_key) = front_proxy_ca
+        .client("front-proxy-client", None)?
+        .write(pki_dir, "front-proxy-client")?;
     let sa_key = pki_dir.join("sa.key");
     let sa_pub = pki_dir.join("sa.pub");
     let (sa_private, sa_public) = pki::key_pair_pem()?;
@@ -556,6 +565,16 @@ async fn start(
         format!("--service-account-signing-key-file={}", sa_key.display()),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
         "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
+        format!(
+            "--requestheader-client-ca-file={}",
+            front_proxy_ca_crt.display()
+        ),
+        "--requestheader-allowed-names=front-proxy-client".to_owned(),
+        "--requestheader-username-headers=X-Remote-User".to_owned(),
+        "--requestheader-group-headers=X-Remote-Group".to_owned(),
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-".to_owned(),
+        format!("--proxy-client-cert-file={}", proxy_client_crt.display()),
+        format!("--proxy-client-key-file={}", proxy_client_key.display()),
         "--authorization-mode=Node,RBAC".to_owned(),
         "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,\
          DefaultStorageClass,DefaultTolerationSeconds,NodeRestriction,Priority,\
@@ -888,4 +907,102 @@ async fn create_nodes(client: &Client, spec: &ClusterSpec) -> Result<()> {
     .try_collect::<Vec<_>>()
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_get_distinct_cidrs_addresses_and_the_pool_capacity() -> Result<()> {
+        let spec = ClusterSpec {
+            name: "t".into(),
+            node_pools: vec![
+                NodePool::new("a", 300).with_capacity("nvidia.com/gpu", "8"),
+                NodePool::new("b", 2).with_label("zone", "z1"),
+            ],
+            scheduler_extenders: Vec::new(),
+        };
+        let nodes = node_objects(&spec)?;
+        assert_eq!(nodes.len(), 302);
+        let cidrs: std::collections::BTreeSet<_> = nodes
+            .iter()
+            .filter_map(|n| n.spec.as_ref()?.pod_cidr.clone())
+            .collect();
+        assert_eq!(cidrs.len(), 302, "pod CIDRs must not overlap");
+        let ips: std::collections::BTreeSet<_> = nodes
+            .iter()
+            .filter_map(|n| {
+                Some(
+                    n.status
+                        .as_ref()?
+                        .addresses
+                        .as_ref()?
+                        .first()?
+                        .address
+                        .clone(),
+                )
+            })
+            .collect();
+        assert_eq!(ips.len(), 302);
+        let gpu = nodes[0]
+            .status
+            .as_ref()
+            .and_then(|s| s.allocatable.as_ref())
+            .and_then(|a| a.get("nvidia.com/gpu"));
+        assert_eq!(gpu.map(|q| q.0.as_str()), Some("8"));
+        let last = &nodes[301];
+        assert_eq!(last.metadata.name.as_deref(), Some("b-1"));
+        let labels = last.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get("zone").map(String::as_str), Some("z1"));
+        assert_eq!(
+            labels.get(KWOK_NODE_LABEL.0).map(String::as_str),
+            Some(KWOK_NODE_LABEL.1)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn stage_files_parse_and_name_every_stage() -> Result<()> {
+        let text = format!(
+            "{}\n---\n{}",
+            include_str!("../stages/node.yaml"),
+            include_str!("../stages/pod.yaml")
+        );
+        let mut names = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            use serde::Deserialize as _;
+            let value = serde_yaml::Value::deserialize(doc)?;
+            assert_eq!(value["kind"].as_str(), Some("Stage"));
+            names.push(
+                value["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        assert_eq!(
+            names,
+            [
+                "gantry-node-ready",
+                "gantry-pod-start",
+                "gantry-pod-readiness",
+                "gantry-pod-kill",
+                "gantry-pod-restart",
+                "gantry-pod-complete",
+                "gantry-pod-terminate",
+                "gantry-pod-delete"
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("home").is_ok());
+        assert!(validate_name("e2e-extender").is_ok());
+        assert!(validate_name("../x").is_err());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("Home").is_err());
+    }
 }

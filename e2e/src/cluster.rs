@@ -191,16 +191,26 @@ impl Cluster {
                 tracing::warn!(cluster = %spec.name, "existing cluster has another spec, restarting");
             }
         }
-        teardown(&dir)?;
         let started = Instant::now();
-        match start(spec, &dir, &bins, started).await {
-            Ok(cluster) => Ok(cluster),
-            Err(e) => {
-                let logs = log_tails(&dir);
-                if std::env::var_os("GANTRY_KEEP_FAILED_CLUSTER").is_none() {
-                    let _ = teardown(&dir);
+        let mut attempt = 1;
+        loop {
+            teardown(&dir)?;
+            match start(spec, &dir, &bins, started).await {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) => {
+                    let logs = log_tails(&dir);
+                    // Ports are picked free and handed over; another cluster starting at the
+                    // same moment can take one first. That is worth another try.
+                    if attempt < 3 && logs.contains("address already in use") {
+                        tracing::warn!(cluster = %spec.name, attempt, "a port was taken meanwhile; starting again");
+                        attempt += 1;
+                        continue;
+                    }
+                    if std::env::var_os("GANTRY_KEEP_FAILED_CLUSTER").is_none() {
+                        let _ = teardown(&dir);
+                    }
+                    return Err(e.context(format!("starting cluster {:?}{logs}", spec.name)));
                 }
-                Err(e.context(format!("starting cluster {:?}{logs}", spec.name)))
             }
         }
     }
@@ -235,9 +245,9 @@ impl Cluster {
     pub fn down(name: &str) -> Result<()> {
         validate_name(name)?;
         let _lock = FileLock::acquire(&lock_path(name))?;
-        teardown(&state_dir_of(name))?;
-        let _ = std::fs::remove_file(lock_path(name));
-        Ok(())
+        // The lock file stays: removing it could let a waiter and a newcomer lock different
+        // files.
+        teardown(&state_dir_of(name))
     }
 
     /// Names of the clusters that have a state directory.

@@ -31,7 +31,22 @@ pub fn check_all(root: &Path, helms: &[PathBuf]) -> anyhow::Result<()> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("Chart.yaml").is_file())
         .collect();
-    charts.sort();
+    // Dependencies first: the library, then the operator charts, then the umbrella that
+    // packages them.
+    charts.sort_by_key(|c| {
+        let name = c
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let rank = if name == "gantry-lib" {
+            0
+        } else if name == "gantry" {
+            2
+        } else {
+            1
+        };
+        (rank, name)
+    });
     let mut failures = Vec::new();
     for helm in helms {
         let version = helm_output(helm, &["version", "--short"], None)?;
@@ -63,21 +78,25 @@ pub fn check_all(root: &Path, helms: &[PathBuf]) -> anyhow::Result<()> {
 fn check_chart(helm: &Path, chart: &Path) -> anyhow::Result<()> {
     let chart_arg = chart.to_string_lossy().to_string();
     if std::fs::read_to_string(chart.join("Chart.yaml"))?.contains("repository: file://") {
-        helm_output(helm, &["dependency", "build", &chart_arg], None)?;
+        helm_output(
+            helm,
+            &["dependency", "update", "--skip-refresh", &chart_arg],
+            None,
+        )?;
     }
     helm_output(helm, &["lint", "--strict", &chart_arg], None)?;
     if is_library(chart)? {
         return Ok(());
     }
-    let defaults = render(helm, chart, &[])?;
+    render(helm, chart, &[])?;
     if !is_operator_chart(chart) {
         return Ok(());
     }
     let problems = [
-        conventions(&defaults, 1, None),
+        conventions(&render(helm, chart, &["replicas=1"])?, 1, None),
         conventions(&render(helm, chart, &["replicas=3"])?, 3, None),
         conventions(
-            &render(helm, chart, &["watchNamespace=team-a"])?,
+            &render(helm, chart, &["replicas=1", "watchNamespace=team-a"])?,
             1,
             Some("team-a"),
         ),

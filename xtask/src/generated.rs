@@ -18,7 +18,12 @@ pub struct Operator {
 }
 
 /// Every operator whose CRDs are generated. Add a line when an operator gains CRDs.
-pub const OPERATORS: &[Operator] = &[];
+pub const OPERATORS: &[Operator] = &[Operator {
+    package: "gantry-gray-upgrade",
+    binary: "gantry-gray-upgrade",
+    stem: "gray-upgrade",
+    chart: "gray-upgrade",
+}];
 
 /// Directories whose generated contents [`plan`] owns completely: any other YAML file found
 /// there is stale.

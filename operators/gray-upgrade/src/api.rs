@@ -31,6 +31,17 @@ pub const ANNOTATION_ABORT: &str = "apps.gantry.dev/abort";
 /// update, so Services stop sending it traffic; True once the new container is Ready.
 pub const READINESS_GATE: &str = "apps.gantry.dev/in-service";
 
+/// Fields holding embedded core types, documented by the core API (`kubectl explain pod`).
+pub const EMBEDDED: &[&str] = &["spec.template", "spec.volumeClaimTemplates"];
+
+/// The GrayApp CRD as published: nested descriptions of embedded core types removed.
+pub fn crd()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    let mut crd = <GrayApp as kube::CustomResourceExt>::crd();
+    gantry_kit::crd::strip_embedded_descriptions(&mut crd, EMBEDDED);
+    crd
+}
+
 /// A set of instances of one application, upgraded in place, batch by batch.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(

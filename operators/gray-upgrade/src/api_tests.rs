@@ -59,7 +59,17 @@ fn assert_rejected(object: &Value, message: &str) {
 
 #[test]
 fn crd_follows_the_conventions() {
-    assert_eq!(gantry_kit::crd::lint(&GrayApp::crd()), Vec::<String>::new());
+    assert_eq!(
+        gantry_kit::crd::lint_with_embedded(&crate::api::crd(), crate::api::EMBEDDED),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn crd_fits_client_side_apply() {
+    // kubectl apply without --server-side stores the object in an annotation of at most 256 KiB.
+    let json = serde_json::to_string(&crate::api::crd()).expect("serialises");
+    assert!(json.len() < 200 * 1024, "CRD is {} bytes", json.len());
 }
 
 #[test]

@@ -1,9 +1,14 @@
 //! The gray-upgrade operator: `GrayApp` instances upgraded in place, in batches, health-gated.
 
 pub mod api;
+pub mod controller;
+pub mod metrics;
 pub mod model;
+pub mod objects;
+pub mod observe;
 pub mod plan;
 pub mod revision;
+pub mod status;
 
 #[cfg(test)]
 mod api_tests;

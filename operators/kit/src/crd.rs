@@ -26,8 +26,75 @@ pub fn to_yaml(operator: &str, crds: &[CustomResourceDefinition]) -> Result<Stri
     Ok(out)
 }
 
+/// Removes the descriptions below embedded Kubernetes types (a pod template, claim templates):
+/// they repeat the core API's documentation, which `kubectl explain pod.spec` already gives,
+/// and would make the CRD too large for client-side `kubectl apply`. `paths` are dotted paths
+/// from the root, like `spec.template`; the field itself keeps its description.
+pub fn strip_embedded_descriptions(crd: &mut CustomResourceDefinition, paths: &[&str]) {
+    for version in &mut crd.spec.versions {
+        let Some(root) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        else {
+            continue;
+        };
+        for path in paths {
+            if let Some(node) = find_mut(root, path) {
+                for child in children_mut(node) {
+                    strip_descriptions(child);
+                }
+            }
+        }
+    }
+}
+
+fn find_mut<'a>(root: &'a mut JSONSchemaProps, path: &str) -> Option<&'a mut JSONSchemaProps> {
+    let mut node = root;
+    for field in path.split('.') {
+        // A list of objects: the field is on its items.
+        if matches!(node.items, Some(JSONSchemaPropsOrArray::Schema(_))) {
+            node = match &mut node.items {
+                Some(JSONSchemaPropsOrArray::Schema(item)) => item.as_mut(),
+                _ => return None,
+            };
+        }
+        node = node.properties.as_mut()?.get_mut(field)?;
+    }
+    Some(node)
+}
+
+fn children_mut(node: &mut JSONSchemaProps) -> Vec<&mut JSONSchemaProps> {
+    let mut out: Vec<&mut JSONSchemaProps> = Vec::new();
+    if let Some(props) = node.properties.as_mut() {
+        out.extend(props.values_mut());
+    }
+    match &mut node.items {
+        Some(JSONSchemaPropsOrArray::Schema(item)) => out.push(item.as_mut()),
+        Some(JSONSchemaPropsOrArray::Schemas(items)) => out.extend(items.iter_mut()),
+        None => {}
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(value)) = &mut node.additional_properties {
+        out.push(value.as_mut());
+    }
+    out
+}
+
+fn strip_descriptions(node: &mut JSONSchemaProps) {
+    node.description = None;
+    for child in children_mut(node) {
+        strip_descriptions(child);
+    }
+}
+
 /// Every way `crd` departs from the conventions, one readable line each.
 pub fn lint(crd: &CustomResourceDefinition) -> Vec<String> {
+    lint_with_embedded(crd, &[])
+}
+
+/// [`lint`], not asking for descriptions below the embedded types at `embedded` (see
+/// [`strip_embedded_descriptions`]).
+pub fn lint_with_embedded(crd: &CustomResourceDefinition, embedded: &[&str]) -> Vec<String> {
     let name = crd.metadata.name.clone().unwrap_or_default();
     let mut problems = Vec::new();
     let names = &crd.spec.names;
@@ -70,7 +137,14 @@ pub fn lint(crd: &CustomResourceDefinition) -> Vec<String> {
                     if matches!(field.as_str(), "apiVersion" | "kind" | "metadata") {
                         continue;
                     }
-                    walk(props, &format!(".{field}"), true, &at, &mut problems);
+                    walk(
+                        props,
+                        &format!(".{field}"),
+                        true,
+                        embedded,
+                        &at,
+                        &mut problems,
+                    );
                 }
             }
         }
@@ -78,8 +152,21 @@ pub fn lint(crd: &CustomResourceDefinition) -> Vec<String> {
     problems
 }
 
-fn walk(props: &JSONSchemaProps, path: &str, is_field: bool, at: &str, problems: &mut Vec<String>) {
-    if is_field && props.description.as_deref().is_none_or(str::is_empty) {
+fn walk(
+    props: &JSONSchemaProps,
+    path: &str,
+    is_field: bool,
+    embedded: &[&str],
+    at: &str,
+    problems: &mut Vec<String>,
+) {
+    // `path` is `.spec.template.spec[]…`; an embedded type's own field is checked, not below.
+    let inside_embedded = embedded.iter().any(|e| {
+        let prefix = format!(".{e}");
+        path.replace("[]", "").starts_with(&format!("{prefix}."))
+            || path.starts_with(&format!("{prefix}[]"))
+    });
+    if is_field && !inside_embedded && props.description.as_deref().is_none_or(str::is_empty) {
         problems.push(format!("{at}: {path} has no description"));
     }
     let free_form = props.x_kubernetes_int_or_string == Some(true)
@@ -91,21 +178,28 @@ fn walk(props: &JSONSchemaProps, path: &str, is_field: bool, at: &str, problems:
         ));
     }
     for (field, child) in props.properties.iter().flatten() {
-        walk(child, &format!("{path}.{field}"), true, at, problems);
+        walk(
+            child,
+            &format!("{path}.{field}"),
+            true,
+            embedded,
+            at,
+            problems,
+        );
     }
     match &props.items {
         Some(JSONSchemaPropsOrArray::Schema(item)) => {
-            walk(item, &format!("{path}[]"), false, at, problems)
+            walk(item, &format!("{path}[]"), false, embedded, at, problems)
         }
         Some(JSONSchemaPropsOrArray::Schemas(items)) => {
             for (i, item) in items.iter().enumerate() {
-                walk(item, &format!("{path}[{i}]"), false, at, problems);
+                walk(item, &format!("{path}[{i}]"), false, embedded, at, problems);
             }
         }
         None => {}
     }
     if let Some(JSONSchemaPropsOrBool::Schema(value)) = &props.additional_properties {
-        walk(value, &format!("{path}{{}}"), false, at, problems);
+        walk(value, &format!("{path}{{}}"), false, embedded, at, problems);
     }
 }
 
@@ -199,6 +293,30 @@ mod tests {
             lint(&crd),
             vec!["widgets.test.gantry.dev/v1alpha1: .spec.size has no type (the schema must be structural)".to_string()]
         );
+    }
+
+    #[test]
+    fn embedded_types_lose_nested_descriptions_but_stay_checked_above() {
+        let mut crd = Widget::crd();
+        strip_embedded_descriptions(&mut crd, &["spec.parts"]);
+        let problems = lint(&crd);
+        assert_eq!(
+            problems,
+            vec![
+                "widgets.test.gantry.dev/v1alpha1: .spec.parts[].name has no description"
+                    .to_string()
+            ]
+        );
+        assert_eq!(
+            lint_with_embedded(&crd, &["spec.parts"]),
+            Vec::<String>::new()
+        );
+        let yaml = to_yaml("t", &[crd]).expect("renders");
+        assert!(
+            yaml.contains("The parts, in order."),
+            "the embedding field keeps its description"
+        );
+        assert!(!yaml.contains("The part's name."));
     }
 
     #[test]

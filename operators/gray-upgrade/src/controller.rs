@@ -1,0 +1,687 @@
+//! The thin layer between the planner and the API server: read the app, its pods and its
+//! revisions from caches (dereference), check what admission cannot (validate), plan, carry the
+//! actions out, and write status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use gantry_kit::apply::apply_status;
+use gantry_kit::error::{classify_kube_error, kube_error_metric_reason};
+use gantry_kit::runtime::Runtime;
+use gantry_kit::{ErrorClass, ReconcileError};
+use k8s_openapi::api::apps::v1::ControllerRevision;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+
+use crate::api::{ANNOTATION_ABORT, ANNOTATION_APPROVE, GrayApp, GrayAppStatus, LABEL_APP};
+use crate::metrics::{GrayMetrics, RevisionLabels};
+use crate::model::{Ordinal, PodView};
+use crate::objects;
+use crate::observe::pod_view;
+use crate::plan::{self, Action, DeleteReason, Input, Plan};
+use crate::revision::{Revision, with_images};
+use crate::status::{self, StatusInput};
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    #[error("the GrayApp has no namespace")]
+    NoNamespace,
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the pod cache stopped")]
+    CacheStopped,
+}
+
+impl ReconcileError for Error {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Error::InvalidSpec(_) | Error::NoNamespace => ErrorClass::Permanent,
+            Error::Kube(err) => classify_kube_error(err),
+            Error::CacheStopped => ErrorClass::Transient,
+        }
+    }
+
+    fn metric_reason(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec(_) => "InvalidSpec",
+            Error::NoNamespace => "NoNamespace",
+            Error::Kube(err) => kube_error_metric_reason(err),
+            Error::CacheStopped => "CacheStopped",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub runtime: Runtime,
+    pub pods: Store<Pod>,
+    pub revisions: Store<ControllerRevision>,
+    pub metrics: GrayMetrics,
+}
+
+/// Wires the controller: GrayApps, plus cached watches of their pods and revisions that both
+/// trigger reconciles and serve reads (so a reconcile lists nothing from the API server).
+pub async fn run(runtime: Runtime) {
+    let metrics = runtime.metrics();
+    let mut gray_metrics = None;
+    metrics.register(|registry| gray_metrics = Some(GrayMetrics::register(registry)));
+    let Some(gray_metrics) = gray_metrics else {
+        return;
+    };
+    let owned = watcher::Config::default().labels(LABEL_APP);
+    let (pods, pod_writer) = reflector::store();
+    let pod_events = reflector::reflector(pod_writer, watcher(runtime.api::<Pod>(), owned.clone()))
+        .default_backoff()
+        .touched_objects();
+    let (revisions, revision_writer) = reflector::store();
+    let revision_events = reflector::reflector(
+        revision_writer,
+        watcher(runtime.api::<ControllerRevision>(), owned),
+    )
+    .default_backoff()
+    .touched_objects();
+    let controller = Controller::new(runtime.api::<GrayApp>(), watcher::Config::default())
+        .owns_stream(pod_events)
+        .owns_stream(revision_events);
+    let context = Arc::new(Context {
+        runtime: runtime.clone(),
+        pods,
+        revisions,
+        metrics: gray_metrics,
+    });
+    runtime
+        .run_controller("grayapp", controller, context, reconcile)
+        .await;
+}
+
+fn now() -> (i64, Time) {
+    let ts = Timestamp::now();
+    (ts.as_second(), Time(ts))
+}
+
+/// The revisions the spec asks for: the template's, and one per variant.
+struct Wanted {
+    update: Revision,
+    /// Ordinal → revision name, for variant instances.
+    variant_of: BTreeMap<Ordinal, String>,
+    /// Revision name → variant name.
+    variant_names: BTreeMap<String, String>,
+    all: Vec<Revision>,
+}
+
+fn wanted_revisions(app: &GrayApp) -> Result<Wanted, Error> {
+    let name = app.name_any();
+    let update = Revision::new(&name, app.spec.template.clone());
+    let containers: BTreeSet<String> = update.images().into_keys().collect();
+    let mut wanted = Wanted {
+        update: update.clone(),
+        variant_of: BTreeMap::new(),
+        variant_names: BTreeMap::new(),
+        all: vec![update],
+    };
+    for variant in &app.spec.variants {
+        if let Some(unknown) = variant.images.keys().find(|c| !containers.contains(*c)) {
+            return Err(Error::InvalidSpec(format!(
+                "variant {} sets the image of container {unknown}, which the template does not have",
+                variant.name
+            )));
+        }
+        let revision = Revision::new(&name, with_images(&app.spec.template, &variant.images));
+        for ordinal in &variant.instances {
+            wanted.variant_of.insert(*ordinal, revision.name.clone());
+        }
+        wanted
+            .variant_names
+            .insert(revision.name.clone(), variant.name.clone());
+        wanted.all.push(revision);
+    }
+    Ok(wanted)
+}
+
+fn validate(app: &GrayApp) -> Result<(), Error> {
+    if !objects::selector_matches_template(app) {
+        return Err(Error::InvalidSpec(
+            "spec.selector does not match the labels of spec.template".into(),
+        ));
+    }
+    if app
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .is_none_or(|s| s.containers.is_empty())
+    {
+        return Err(Error::InvalidSpec("spec.template has no containers".into()));
+    }
+    Ok(())
+}
+
+async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let namespace = app.namespace().ok_or(Error::NoNamespace)?;
+    let name = app.name_any();
+    let apps: Api<GrayApp> = Api::namespaced(ctx.runtime.client().clone(), &namespace);
+    let (now_s, now_t) = now();
+    let previous = app.status.clone().unwrap_or_default();
+
+    // Validate what admission cannot see across fields; an invalid spec stalls, harming nothing.
+    let checked = validate(&app).and_then(|()| wanted_revisions(&app));
+    let wanted = match checked {
+        Ok(w) => w,
+        Err(Error::InvalidSpec(why)) => {
+            report_invalid(&app, &apps, &ctx, &previous, &why, &now_t).await?;
+            return Err(Error::InvalidSpec(why));
+        }
+        Err(other) => return Err(other),
+    };
+
+    // Dereference from the caches.
+    ctx.pods
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::CacheStopped)?;
+    ctx.revisions
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::CacheStopped)?;
+    let uid = app.uid().unwrap_or_default();
+    let owned_by_app = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        meta.namespace.as_deref() == Some(namespace.as_str())
+            && meta
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.uid == uid && o.controller == Some(true))
+    };
+    let pods: BTreeMap<Ordinal, PodView> = ctx
+        .pods
+        .state()
+        .iter()
+        .filter(|p| owned_by_app(&p.metadata))
+        .filter_map(|p| pod_view(p))
+        .map(|v| (v.ordinal, v))
+        .collect();
+    let stored: Vec<Arc<ControllerRevision>> = ctx
+        .revisions
+        .state()
+        .into_iter()
+        .filter(|r| owned_by_app(&r.metadata))
+        .collect();
+    let mut revisions: BTreeMap<String, Revision> = stored
+        .iter()
+        .filter_map(|r| {
+            let template: PodTemplateSpec =
+                serde_json::from_value(r.data.as_ref()?.0.clone()).ok()?;
+            Some((
+                r.name_any(),
+                Revision {
+                    name: r.name_any(),
+                    template,
+                },
+            ))
+        })
+        .collect();
+
+    // Make sure every wanted revision is stored before any pod refers to it.
+    let revision_api: Api<ControllerRevision> =
+        Api::namespaced(ctx.runtime.client().clone(), &namespace);
+    let mut next_number = stored.iter().map(|r| r.revision).max().unwrap_or(0) + 1;
+    for revision in &wanted.all {
+        if !revisions.contains_key(&revision.name) {
+            let object = objects::controller_revision(&app, revision, next_number);
+            match revision_api
+                .create(
+                    &PostParams {
+                        field_manager: Some(ctx.runtime.field_manager().into()),
+                        ..PostParams::default()
+                    },
+                    &object,
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+                Err(err) => return Err(err.into()),
+            }
+            next_number += 1;
+            revisions.insert(revision.name.clone(), revision.clone());
+        }
+    }
+
+    let annotations = app.annotations();
+    let input = Input {
+        spec: &app.spec,
+        approve: annotations.get(ANNOTATION_APPROVE).map(String::as_str),
+        abort: annotations.get(ANNOTATION_ABORT).map(String::as_str),
+        status: &previous,
+        pods: &pods,
+        revisions: &revisions,
+        update_revision: &wanted.update.name,
+        variant_revisions: &wanted.variant_of,
+        now: now_s,
+    };
+    let plan = plan::plan(&input);
+    tracing::debug!(actions = plan.actions.len(), phase = ?plan.rollout.phase, "planned");
+
+    // Act; each action is independent of the others in the same plan.
+    let pending: Vec<_> = plan
+        .actions
+        .iter()
+        .map(|a| execute(&app, &namespace, a, &revisions, &pods, &ctx, now_s, &now_t))
+        .collect();
+    let results: Vec<Result<(), Error>> = futures::stream::iter(pending)
+        .buffer_unordered(32)
+        .collect()
+        .await;
+
+    for note in &plan.notes {
+        let regarding = app.object_ref(&());
+        if note.warning {
+            ctx.runtime
+                .events()
+                .warning(&regarding, note.reason, "Rollout", note.message.clone())
+                .await;
+        } else {
+            ctx.runtime
+                .events()
+                .normal(&regarding, note.reason, "Rollout", note.message.clone())
+                .await;
+        }
+        record_note_metrics(&ctx.metrics, note.reason, &previous, now_s);
+    }
+
+    // Status from what is observed now plus the plan (the actions' effects show up on the next
+    // reconcile, which their watch events trigger).
+    let status = status::build(&StatusInput {
+        app: &name,
+        generation: app.metadata.generation,
+        spec: &app.spec,
+        previous: &previous,
+        pods: &pods,
+        revisions: &revisions,
+        variant_names: &wanted.variant_names,
+        update_revision: &wanted.update.name,
+        plan: Some(&plan),
+        invalid: None,
+        now: &now_t,
+    });
+    write_status(&apps, &name, &ctx, &previous, status.clone()).await?;
+    record_revision_metrics(&ctx.metrics, &namespace, &name, &previous, &status);
+    collect_garbage(&app, &revision_api, &stored, &wanted, &pods).await;
+
+    results.into_iter().collect::<Result<Vec<()>, Error>>()?;
+    Ok(requeue(&plan))
+}
+
+fn requeue(plan: &Plan) -> Requeue {
+    match plan.requeue_after {
+        Some(s) => Requeue::requeue(Duration::from_secs(u64::try_from(s).unwrap_or(1).max(1))),
+        None => Requeue::requeue(Duration::from_secs(300)),
+    }
+}
+
+/// Writes status only when it says something new (timestamps alone do not count).
+async fn write_status(
+    apps: &Api<GrayApp>,
+    name: &str,
+    ctx: &Context,
+    previous: &GrayAppStatus,
+    status: GrayAppStatus,
+) -> Result<(), Error> {
+    if &status == previous {
+        return Ok(());
+    }
+    apply_status(apps, name, ctx.runtime.field_manager(), &status).await?;
+    Ok(())
+}
+
+async fn report_invalid(
+    app: &GrayApp,
+    apps: &Api<GrayApp>,
+    ctx: &Context,
+    previous: &GrayAppStatus,
+    why: &str,
+    now: &Time,
+) -> Result<(), Error> {
+    let name = app.name_any();
+    let update = Revision::new(&name, app.spec.template.clone());
+    let status = status::build(&StatusInput {
+        app: &name,
+        generation: app.metadata.generation,
+        spec: &app.spec,
+        previous,
+        pods: &BTreeMap::new(),
+        revisions: &BTreeMap::new(),
+        variant_names: &BTreeMap::new(),
+        update_revision: &update.name,
+        plan: None,
+        invalid: Some(why),
+        now,
+    });
+    // Keep the instance view from before: an invalid spec changes nothing that runs.
+    let status = GrayAppStatus {
+        replicas: previous.replicas,
+        ready_replicas: previous.ready_replicas,
+        updated_replicas: previous.updated_replicas,
+        revisions: previous.revisions.clone(),
+        instances: previous.instances.clone(),
+        update_revision: previous.update_revision.clone(),
+        ..status
+    };
+    if previous
+        .conditions
+        .iter()
+        .all(|c| c.reason != "InvalidSpec")
+    {
+        ctx.runtime
+            .events()
+            .warning(
+                &app.object_ref(&()),
+                "InvalidSpec",
+                "Validate",
+                why.to_string(),
+            )
+            .await;
+    }
+    write_status(apps, &name, ctx, previous, status).await
+}
+
+fn pod_params(ctx: &Context) -> PatchParams {
+    PatchParams {
+        field_manager: Some(ctx.runtime.field_manager().to_string()),
+        ..PatchParams::default()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    app: &GrayApp,
+    namespace: &str,
+    action: &Action,
+    revisions: &BTreeMap<String, Revision>,
+    pods: &BTreeMap<Ordinal, PodView>,
+    ctx: &Context,
+    now_s: i64,
+    now_t: &Time,
+) -> Result<(), Error> {
+    let client = ctx.runtime.client().clone();
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let name = app.name_any();
+    let events = ctx.runtime.events();
+    let app_ref = app.object_ref(&());
+    let stamp = now_t.0.to_string();
+    let (reason, note, uid) = match action {
+        Action::Create { ordinal, revision } => {
+            let Some(rev) = revisions.get(revision) else {
+                return Ok(());
+            };
+            let claim_api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+            for claim in objects::instance_claims(app, *ordinal) {
+                ignore_exists(claim_api.create(&PostParams::default(), &claim).await)?;
+            }
+            let pod = objects::instance_pod(app, *ordinal, rev);
+            let params = PostParams {
+                field_manager: Some(ctx.runtime.field_manager().into()),
+                ..PostParams::default()
+            };
+            let created = match pod_api.create(&params, &pod).await {
+                Ok(p) => p.uid(),
+                Err(kube::Error::Api(s)) if s.is_already_exists() => return Ok(()),
+                Err(err) => return Err(err.into()),
+            };
+            (
+                "InstanceCreated",
+                format!(
+                    "created {} at {revision}",
+                    objects::pod_name(&name, *ordinal)
+                ),
+                created.unwrap_or_default(),
+            )
+        }
+        Action::Delete {
+            ordinal,
+            uid,
+            reason,
+        } => {
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: Some(uid.clone()),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match pod_api
+                .delete(&objects::pod_name(&name, *ordinal), &params)
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => return Ok(()),
+                Err(err) => return Err(err.into()),
+            }
+            let (reason, why) = match reason {
+                DeleteReason::ScaleDown => ("InstanceRemoved", "scaled down"),
+                DeleteReason::Recreate => {
+                    ctx.metrics.count("started");
+                    (
+                        "InstanceRecreating",
+                        "the change cannot happen in place; it comes back under the same name",
+                    )
+                }
+                DeleteReason::Replace => (
+                    "InstanceReplaced",
+                    "its pod terminated; a new one replaces it",
+                ),
+            };
+            (
+                reason,
+                format!("deleted {}: {why}", objects::pod_name(&name, *ordinal)),
+                uid.clone(),
+            )
+        }
+        Action::TakeOutOfService { ordinal, uid } => {
+            let patch = objects::gate_patch(
+                uid,
+                false,
+                "UpdateStarting",
+                "out of service for an update",
+                &stamp,
+            );
+            pod_api
+                .patch_status(
+                    &objects::pod_name(&name, *ordinal),
+                    &pod_params(ctx),
+                    &Patch::Strategic(patch),
+                )
+                .await?;
+            (
+                "InstanceOutOfService",
+                format!(
+                    "{} taken out of service for its update",
+                    objects::pod_name(&name, *ordinal)
+                ),
+                uid.clone(),
+            )
+        }
+        Action::PatchInPlace {
+            ordinal,
+            uid,
+            revision,
+            images,
+            record,
+        } => {
+            let patch = objects::in_place_patch(uid, revision, images, record);
+            pod_api
+                .patch(
+                    &objects::pod_name(&name, *ordinal),
+                    &pod_params(ctx),
+                    &Patch::Strategic(patch),
+                )
+                .await?;
+            ctx.metrics.count("started");
+            let list = images
+                .iter()
+                .map(|(c, i)| format!("{c}={i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            (
+                "InstanceUpdating",
+                format!(
+                    "{} updating in place to {revision} ({list})",
+                    objects::pod_name(&name, *ordinal)
+                ),
+                uid.clone(),
+            )
+        }
+        Action::PutInService { ordinal, uid } => {
+            let patch = objects::gate_patch(uid, true, "Ready", "in service", &stamp);
+            pod_api
+                .patch_status(
+                    &objects::pod_name(&name, *ordinal),
+                    &pod_params(ctx),
+                    &Patch::Strategic(patch),
+                )
+                .await?;
+            // An instance coming back from an in-place update: count it and time it.
+            if let Some(pod) = pods.get(ordinal)
+                && let Some(record) = pod.record.as_ref()
+                && pod.revision.as_ref() == Some(&record.revision)
+            {
+                ctx.metrics.count("succeeded");
+                ctx.metrics
+                    .in_place_seconds
+                    .observe((now_s - record.patched_at).max(0) as f64);
+            }
+            (
+                "InstanceInService",
+                format!("{} back in service", objects::pod_name(&name, *ordinal)),
+                uid.clone(),
+            )
+        }
+    };
+    let pod_ref = objects::pod_reference(app, action.ordinal(), &uid);
+    events
+        .related(
+            EventType::Normal,
+            &app_ref,
+            &pod_ref,
+            reason,
+            "Upgrade",
+            note.clone(),
+        )
+        .await;
+    events.normal(&pod_ref, reason, "Upgrade", note).await;
+    Ok(())
+}
+
+fn ignore_exists<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn record_note_metrics(metrics: &GrayMetrics, reason: &str, previous: &GrayAppStatus, now: i64) {
+    match reason {
+        "InstanceFailed" => metrics.count("failed"),
+        "RolledBack" => metrics.count("rolled_back"),
+        "BatchPromoted" | "RolloutCompleted" | "AwaitingApproval" => {
+            if let Some(started) = previous
+                .rollout
+                .as_ref()
+                .and_then(|r| r.batch_started_at.as_ref())
+            {
+                metrics
+                    .batch_seconds
+                    .observe((now - started.0.as_second()).max(0) as f64);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn record_revision_metrics(
+    metrics: &GrayMetrics,
+    namespace: &str,
+    app: &str,
+    previous: &GrayAppStatus,
+    status: &GrayAppStatus,
+) {
+    let labels = |revision: &str| RevisionLabels {
+        namespace: namespace.to_string(),
+        app: app.to_string(),
+        revision: revision.to_string(),
+    };
+    for gone in previous
+        .revisions
+        .iter()
+        .filter(|p| !status.revisions.iter().any(|r| r.name == p.name))
+    {
+        metrics.instances.remove(&labels(&gone.name));
+    }
+    for revision in &status.revisions {
+        metrics
+            .instances
+            .get_or_create(&labels(&revision.name))
+            .set(i64::from(revision.count));
+    }
+}
+
+/// Deletes stored revisions beyond the history limit that nothing runs or asks for.
+async fn collect_garbage(
+    app: &GrayApp,
+    api: &Api<ControllerRevision>,
+    stored: &[Arc<ControllerRevision>],
+    wanted: &Wanted,
+    pods: &BTreeMap<Ordinal, PodView>,
+) {
+    let in_use: BTreeSet<&str> = pods
+        .values()
+        .filter_map(|p| p.revision.as_deref())
+        .chain(wanted.all.iter().map(|r| r.name.as_str()))
+        .chain(
+            app.status
+                .iter()
+                .flat_map(|s| s.rollout.iter())
+                .flat_map(|r| r.origins.keys().map(String::as_str)),
+        )
+        .collect();
+    let mut spare: Vec<&Arc<ControllerRevision>> = stored
+        .iter()
+        .filter(|r| !in_use.contains(r.name_any().as_str()))
+        .collect();
+    spare.sort_by_key(|r| r.revision);
+    let limit = usize::try_from(app.spec.revision_history_limit).unwrap_or(0);
+    let excess = spare.len().saturating_sub(limit);
+    let names: Vec<String> = spare
+        .into_iter()
+        .take(excess)
+        .map(|r| r.name_any())
+        .collect();
+    let deletions: Vec<_> = names
+        .into_iter()
+        .map(|name| async move {
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => tracing::info!(revision = %name, "deleted old revision"),
+                Err(err) => {
+                    tracing::warn!(revision = %name, error = %err, "could not delete old revision")
+                }
+            }
+        })
+        .collect();
+    futures::stream::iter(deletions)
+        .buffer_unordered(4)
+        .collect::<Vec<()>>()
+        .await;
+}

@@ -1,0 +1,428 @@
+//! The status the operator reports: counts, revisions with their instances, the rollout,
+//! a compact per-instance table, and conditions. Pure, built from the plan and the pods.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use gantry_kit::conditions::{self, Desired, Status, Summary};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{GrayAppSpec, GrayAppStatus, InstanceStatus, RevisionStatus, RolloutPhase};
+use crate::model::{Ordinal, PodView, format_ranges};
+use crate::objects::pod_name;
+use crate::plan::{Plan, desired_ordinals};
+use crate::revision::Revision;
+
+/// Up to this many instances, status lists every one; beyond, only those not steady.
+pub const FULL_TABLE_LIMIT: usize = 256;
+
+pub const PROGRESSING: &str = "Progressing";
+pub const PAUSED: &str = "Paused";
+pub const DEGRADED: &str = "Degraded";
+
+/// Everything the status is built from.
+pub struct StatusInput<'a> {
+    pub app: &'a str,
+    pub generation: Option<i64>,
+    pub spec: &'a GrayAppSpec,
+    pub previous: &'a GrayAppStatus,
+    pub pods: &'a BTreeMap<Ordinal, PodView>,
+    pub revisions: &'a BTreeMap<String, Revision>,
+    /// Variant name of each variant revision.
+    pub variant_names: &'a BTreeMap<String, String>,
+    pub update_revision: &'a str,
+    /// `None` when the spec could not be planned at all.
+    pub plan: Option<&'a Plan>,
+    /// Why the spec is invalid, when it is.
+    pub invalid: Option<&'a str>,
+    pub now: &'a Time,
+}
+
+fn instance_state(pod: Option<&PodView>) -> &'static str {
+    match pod {
+        None => "Missing",
+        Some(p) if p.deleting => "Terminating",
+        Some(p) if p.available() => "Running",
+        Some(p)
+            if p.record
+                .as_ref()
+                .is_some_and(|r| Some(&r.revision) == p.revision.as_ref())
+                && !p.in_place_done() =>
+        {
+            "Updating"
+        }
+        Some(p) if p.in_service == Some(false) && p.containers_ready() => "Draining",
+        Some(p) if p.containers_ready() => "Starting",
+        Some(_) => "Unready",
+    }
+}
+
+pub fn build(input: &StatusInput) -> GrayAppStatus {
+    let desired = desired_ordinals(input.spec.replicas, &input.spec.remove_instances);
+    let pods = input.pods;
+    let existing = desired.iter().filter(|o| pods.contains_key(o)).count();
+    let ready = desired
+        .iter()
+        .filter(|o| pods.get(o).is_some_and(PodView::available))
+        .count();
+    let updated = desired
+        .iter()
+        .filter(|o| pods.get(o).and_then(|p| p.revision.as_deref()) == Some(input.update_revision))
+        .count();
+
+    let mut by_revision: BTreeMap<String, BTreeSet<Ordinal>> = BTreeMap::new();
+    for (o, p) in pods {
+        if let Some(r) = &p.revision {
+            by_revision.entry(r.clone()).or_default().insert(*o);
+        }
+    }
+    let revisions = by_revision
+        .iter()
+        .map(|(name, set)| RevisionStatus {
+            name: name.clone(),
+            variant: input.variant_names.get(name).cloned(),
+            images: input
+                .revisions
+                .get(name)
+                .map(Revision::images)
+                .unwrap_or_default(),
+            count: i32::try_from(set.len()).unwrap_or(i32::MAX),
+            instances: format_ranges(set),
+        })
+        .collect();
+
+    let previous_rows: BTreeMap<&str, &InstanceStatus> = input
+        .previous
+        .instances
+        .iter()
+        .map(|i| (i.name.as_str(), i))
+        .collect();
+    let full = desired.len() <= FULL_TABLE_LIMIT;
+    let mut instances = Vec::new();
+    for o in &desired {
+        let pod = pods.get(o);
+        let state = instance_state(pod);
+        let revision = pod.and_then(|p| p.revision.clone());
+        let steady = state == "Running" && revision.as_deref() == Some(input.update_revision);
+        if !full && (steady || instances.len() >= FULL_TABLE_LIMIT) {
+            continue;
+        }
+        let name = pod_name(input.app, *o);
+        let images = pod
+            .map(|p| {
+                p.containers
+                    .iter()
+                    .map(|c| format!("{}={}", c.name, c.image))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        let ready = pod.is_some_and(PodView::available);
+        let unchanged = previous_rows
+            .get(name.as_str())
+            .filter(|prev| prev.revision == revision && prev.ready == ready && prev.state == state);
+        instances.push(InstanceStatus {
+            last_transition_time: unchanged
+                .and_then(|p| p.last_transition_time.clone())
+                .or_else(|| Some(input.now.clone())),
+            name,
+            revision,
+            images,
+            ready,
+            state: state.to_string(),
+            node: pod.and_then(|p| p.node.clone()),
+        });
+    }
+
+    let mut status = GrayAppStatus {
+        observed_generation: input.generation,
+        conditions: input.previous.conditions.clone(),
+        replicas: i32::try_from(existing).unwrap_or(i32::MAX),
+        ready_replicas: i32::try_from(ready).unwrap_or(i32::MAX),
+        updated_replicas: i32::try_from(updated).unwrap_or(i32::MAX),
+        label_selector: selector_string(input.spec),
+        update_revision: Some(input.update_revision.to_string()),
+        current_revision: input
+            .plan
+            .and_then(|p| p.current_revision.clone())
+            .or_else(|| input.previous.current_revision.clone()),
+        revisions,
+        rollout: input
+            .plan
+            .map(|p| p.rollout.clone())
+            .or_else(|| input.previous.rollout.clone()),
+        instances,
+    };
+    set_conditions(&mut status, input, desired.len(), ready);
+    status
+}
+
+fn selector_string(spec: &GrayAppSpec) -> String {
+    spec.selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn set_conditions(status: &mut GrayAppStatus, input: &StatusInput, desired: usize, ready: usize) {
+    let now = input.now;
+    let generation = input.generation;
+    let phase = status.rollout.as_ref().map(|r| r.phase);
+    let rollout_message = status
+        .rollout
+        .as_ref()
+        .map(|r| r.message.clone())
+        .unwrap_or_default();
+    let acting = input.plan.is_some_and(|p| !p.actions.is_empty());
+    let summary = if let Some(why) = input.invalid {
+        Summary::Stalled {
+            reason: "InvalidSpec".into(),
+            message: why.to_string(),
+        }
+    } else {
+        match phase {
+            Some(RolloutPhase::Failed) => Summary::Stalled {
+                reason: "RolloutFailed".into(),
+                message: rollout_message.clone(),
+            },
+            Some(RolloutPhase::Aborted) => Summary::Stalled {
+                reason: "RolloutAborted".into(),
+                message: rollout_message.clone(),
+            },
+            Some(
+                p @ (RolloutPhase::Progressing
+                | RolloutPhase::Baking
+                | RolloutPhase::RollingBack
+                | RolloutPhase::AwaitingApproval),
+            ) => Summary::Reconciling {
+                reason: format!("{p:?}"),
+                message: rollout_message.clone(),
+            },
+            _ if acting || ready < desired => Summary::Reconciling {
+                reason: "InstancesNotReady".into(),
+                message: format!("{ready} of {desired} instances ready"),
+            },
+            _ => {
+                let spread = status
+                    .revisions
+                    .iter()
+                    .map(|r| format!("{} on {}", r.count, r.name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Summary::Ready {
+                    reason: "Converged".into(),
+                    message: format!("{ready} of {desired} instances ready ({spread})"),
+                }
+            }
+        }
+    };
+    conditions::set_summary(&mut status.conditions, &summary, generation, now);
+    let moving = matches!(
+        phase,
+        Some(RolloutPhase::Progressing | RolloutPhase::Baking | RolloutPhase::RollingBack)
+    );
+    let phase_name = phase.map_or_else(|| "NoRollout".to_string(), |p| format!("{p:?}"));
+    conditions::set(
+        &mut status.conditions,
+        &Desired::new(
+            PROGRESSING,
+            Status::from_bool(moving),
+            phase_name,
+            rollout_message.clone(),
+        ),
+        generation,
+        now,
+    );
+    let paused = input.spec.update.paused;
+    conditions::set(
+        &mut status.conditions,
+        &Desired::new(
+            PAUSED,
+            Status::from_bool(paused),
+            if paused { "PausedBySpec" } else { "NotPaused" },
+            "",
+        ),
+        generation,
+        now,
+    );
+    let failed = input.plan.map_or(0, |p| p.failed.len());
+    let degraded = failed > 0
+        || matches!(
+            phase,
+            Some(RolloutPhase::Failed | RolloutPhase::RollingBack)
+        );
+    let degraded_message = if degraded {
+        format!("{failed} instance(s) failed their health gate; {rollout_message}")
+    } else {
+        String::new()
+    };
+    conditions::set(
+        &mut status.conditions,
+        &Desired::new(
+            DEGRADED,
+            Status::from_bool(degraded),
+            if degraded {
+                "HealthGateFailed"
+            } else {
+                "Healthy"
+            },
+            degraded_message,
+        ),
+        generation,
+        now,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ContainerView;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn spec(replicas: i32) -> GrayAppSpec {
+        serde_json::from_value(serde_json::json!({
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "ocr"}},
+            "template": {"metadata": {"labels": {"app": "ocr"}}, "spec": {"containers": [{"name": "ocr", "image": "ocr:v7"}]}}
+        }))
+        .expect("valid")
+    }
+
+    fn running(o: Ordinal, rev: &str) -> PodView {
+        PodView {
+            ordinal: o,
+            revision: Some(rev.into()),
+            ready: true,
+            in_service: Some(true),
+            node: Some("n1".into()),
+            containers: vec![ContainerView {
+                name: "ocr".into(),
+                image: "ocr:v7".into(),
+                ready: true,
+                ..ContainerView::default()
+            }],
+            ..PodView::default()
+        }
+    }
+
+    fn now() -> Time {
+        Time(Timestamp::from_second(1_000).expect("valid"))
+    }
+
+    #[test]
+    fn converged_app_is_ready_with_revision_spread() {
+        let spec = spec(3);
+        let pods: BTreeMap<_, _> = (0..3)
+            .map(|o| (o, running(o, if o == 1 { "ocr-b" } else { "ocr-a" })))
+            .collect();
+        let now = now();
+        let status = build(&StatusInput {
+            app: "ocr",
+            generation: Some(2),
+            spec: &spec,
+            previous: &GrayAppStatus::default(),
+            pods: &pods,
+            revisions: &BTreeMap::new(),
+            variant_names: &BTreeMap::new(),
+            update_revision: "ocr-a",
+            plan: None,
+            invalid: None,
+            now: &now,
+        });
+        assert_eq!(
+            (
+                status.replicas,
+                status.ready_replicas,
+                status.updated_replicas
+            ),
+            (3, 3, 2)
+        );
+        assert!(conditions::is_true(&status.conditions, conditions::READY));
+        assert_eq!(
+            status
+                .revisions
+                .iter()
+                .map(|r| (r.name.as_str(), r.instances.as_str()))
+                .collect::<Vec<_>>(),
+            vec![("ocr-a", "0,2"), ("ocr-b", "1")]
+        );
+        assert_eq!(status.label_selector, "app=ocr");
+        assert_eq!(status.instances.len(), 3);
+        assert_eq!(status.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn invalid_spec_is_stalled() {
+        let spec = spec(1);
+        let now = now();
+        let status = build(&StatusInput {
+            app: "ocr",
+            generation: Some(1),
+            spec: &spec,
+            previous: &GrayAppStatus::default(),
+            pods: &BTreeMap::new(),
+            revisions: &BTreeMap::new(),
+            variant_names: &BTreeMap::new(),
+            update_revision: "ocr-a",
+            plan: None,
+            invalid: Some("selector does not match the template's labels"),
+            now: &now,
+        });
+        assert!(conditions::is_true(&status.conditions, conditions::STALLED));
+        assert!(!conditions::is_true(&status.conditions, conditions::READY));
+    }
+
+    #[test]
+    fn large_apps_list_only_instances_that_are_not_steady() {
+        let spec = spec(1000);
+        let mut pods: BTreeMap<_, _> = (0..1000).map(|o| (o, running(o, "ocr-a"))).collect();
+        if let Some(p) = pods.get_mut(&7) {
+            p.ready = false;
+        }
+        let now = now();
+        let status = build(&StatusInput {
+            app: "ocr",
+            generation: None,
+            spec: &spec,
+            previous: &GrayAppStatus::default(),
+            pods: &pods,
+            revisions: &BTreeMap::new(),
+            variant_names: &BTreeMap::new(),
+            update_revision: "ocr-a",
+            plan: None,
+            invalid: None,
+            now: &now,
+        });
+        assert_eq!(status.instances.len(), 1);
+        assert_eq!(status.instances[0].name, "ocr-7");
+        assert_eq!(status.revisions[0].instances, "0-999");
+    }
+
+    #[test]
+    fn instance_transition_time_moves_only_on_change() {
+        let spec = spec(1);
+        let pods: BTreeMap<_, _> = [(0, running(0, "ocr-a"))].into();
+        let t1 = now();
+        let input = |previous: &GrayAppStatus, now: &Time| {
+            build(&StatusInput {
+                app: "ocr",
+                generation: None,
+                spec: &spec,
+                previous,
+                pods: &pods,
+                revisions: &BTreeMap::new(),
+                variant_names: &BTreeMap::new(),
+                update_revision: "ocr-a",
+                plan: None,
+                invalid: None,
+                now,
+            })
+        };
+        let first = input(&GrayAppStatus::default(), &t1);
+        let t2 = Time(Timestamp::from_second(2_000).expect("valid"));
+        let second = input(&first, &t2);
+        assert_eq!(second.instances[0].last_transition_time, Some(t1));
+    }
+}

@@ -39,6 +39,21 @@ pub fn crd()
 -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
     let mut crd = <GrayApp as kube::CustomResourceExt>::crd();
     gantry_kit::crd::strip_embedded_descriptions(&mut crd, EMBEDDED);
+    // Bound the int-or-string fields ("100%" at most): the API server estimates the cost of
+    // their CEL rules from the longest string they may hold.
+    for version in &mut crd.spec.versions {
+        if let Some(root) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            for path in ["spec.update.maxUnavailable", "spec.update.batches.count"] {
+                if let Some(node) = gantry_kit::crd::find_mut(root, path) {
+                    node.max_length = Some(6);
+                }
+            }
+        }
+    }
     crd
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gantry_kit::apply::apply_status;
+use gantry_kit::controller::cache_ready;
 use gantry_kit::error::{classify_kube_error, kube_error_metric_reason};
 use gantry_kit::runtime::Runtime;
 use gantry_kit::{ErrorClass, ReconcileError};
@@ -187,14 +188,9 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
     };
 
     // Dereference from the caches.
-    ctx.pods
-        .wait_until_ready()
-        .await
-        .map_err(|_| Error::CacheStopped)?;
-    ctx.revisions
-        .wait_until_ready()
-        .await
-        .map_err(|_| Error::CacheStopped)?;
+    if !(cache_ready(&ctx.pods).await && cache_ready(&ctx.revisions).await) {
+        return Err(Error::CacheStopped);
+    }
     let uid = app.uid().unwrap_or_default();
     let owned_by_app = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
         meta.namespace.as_deref() == Some(namespace.as_str())

@@ -7,6 +7,7 @@ pub mod model;
 pub mod objects;
 pub mod observe;
 pub mod plan;
+pub mod plugin;
 pub mod revision;
 pub mod status;
 

@@ -313,6 +313,25 @@ impl<'a> Planner<'a> {
                 }
             }
         };
+        // Batches appended after a completed rollout continue it: `kubectl gantry upgrade
+        // --count 10` after a first batch, or a batch added in Git.
+        if rollout.phase == RolloutPhase::Completed && rollout.batch + 1 < total {
+            rollout.phase = RolloutPhase::Progressing;
+            rollout.batch += 1;
+            rollout.members.clear();
+            rollout.failed.clear();
+            rollout.batch_started_at = None;
+            rollout.healthy_since = None;
+            self.note(
+                false,
+                "RolloutResumed",
+                format!(
+                    "batch {} added to the rollout of {}",
+                    rollout.batch + 1,
+                    rollout.revision
+                ),
+            );
+        }
         rollout.batches = total;
         let abortable = matches!(
             rollout.phase,
@@ -334,44 +353,90 @@ impl<'a> Planner<'a> {
     }
 
     /// Outdated instances the batch selects, in the order it gives.
-    fn resolve_batch(&self, batch: Option<&Batch>) -> Vec<Ordinal> {
+    /// Desired instances not on the update revision (variant instances excluded).
+    fn outdated(&self) -> Vec<Ordinal> {
         let input = self.input;
-        let outdated: Vec<Ordinal> = self
-            .desired
+        self.desired
             .iter()
             .copied()
             .filter(|o| {
                 !input.variant_revisions.contains_key(o)
                     && self.running_revision(*o) != input.update_revision
             })
-            .collect();
-        let Some(batch) = batch else {
-            return outdated;
-        };
-        if let Some(instances) = &batch.instances {
-            return instances
-                .iter()
-                .copied()
-                .filter(|o| outdated.contains(o))
-                .collect();
-        }
-        if let Some(selector) = &batch.selector {
-            return outdated
-                .into_iter()
-                .filter(|o| {
-                    input
-                        .pods
-                        .get(o)
-                        .is_some_and(|p| label_selector_matches(selector, &p.labels))
-                })
-                .collect();
-        }
-        if let Some(count) = &batch.count {
-            let n = batch_count(count, outdated.len());
-            return outdated.into_iter().take(n).collect();
-        }
-        outdated
+            .collect()
     }
+
+    /// Outdated instances the batch selects, in the order it gives.
+    fn resolve_batch(&self, batch: Option<&Batch>) -> Vec<Ordinal> {
+        select(batch, self.outdated(), self.input.pods)
+    }
+}
+
+/// The instances a batch takes from `outdated` (ascending ordinals): the named ones in the
+/// order given, those whose pods match a selector, a count of the first, or all of them.
+fn select(
+    batch: Option<&Batch>,
+    outdated: Vec<Ordinal>,
+    pods: &BTreeMap<Ordinal, PodView>,
+) -> Vec<Ordinal> {
+    let Some(batch) = batch else {
+        return outdated;
+    };
+    if let Some(instances) = &batch.instances {
+        return instances
+            .iter()
+            .copied()
+            .filter(|o| outdated.contains(o))
+            .collect();
+    }
+    if let Some(selector) = &batch.selector {
+        return outdated
+            .into_iter()
+            .filter(|o| {
+                pods.get(o)
+                    .is_some_and(|p| label_selector_matches(selector, &p.labels))
+            })
+            .collect();
+    }
+    if let Some(count) = &batch.count {
+        let n = batch_count(count, outdated.len());
+        return outdated.into_iter().take(n).collect();
+    }
+    outdated
+}
+
+/// Which instances each batch of the rollout to the update revision would move, assuming
+/// each passes: the dry run behind `kubectl gantry plan`. Batches already done are empty.
+pub fn preview(input: &Input) -> Vec<Vec<Ordinal>> {
+    let spec = input.spec;
+    let planner = Planner {
+        input,
+        desired: desired_ordinals(spec.replicas, &spec.remove_instances),
+        last_known: last_known_revisions(input.status),
+        notes: Vec::new(),
+        requeue: None,
+    };
+    let rollout = input
+        .status
+        .rollout
+        .as_ref()
+        .filter(|r| r.revision == input.update_revision);
+    let first = rollout.map_or(0, |r| usize::try_from(r.batch).unwrap_or(0));
+    let mut outdated = planner.outdated();
+    (0..spec.update.batches.len().max(1))
+        .map(|index| {
+            if index < first {
+                return Vec::new();
+            }
+            let started = rollout.filter(|r| index == first && r.batch_started_at.is_some());
+            let chosen = match started {
+                Some(r) => r.members.clone(),
+                None => select(spec.update.batches.get(index), outdated.clone(), input.pods),
+            };
+            outdated.retain(|o| !chosen.contains(o));
+            chosen
+        })
+        .collect()
 }
 
 /// Plans the next step.

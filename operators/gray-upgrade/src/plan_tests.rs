@@ -488,6 +488,26 @@ fn partial_plan_leaves_several_versions_at_rest() {
 }
 
 #[test]
+fn appending_a_batch_continues_a_completed_rollout() {
+    let mut world = ocr_world(batches(vec![instances(&[2, 5, 11])], Promotion::Manual, 3));
+    world.set_template(template("ocr:v8", None));
+    world.run(100);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    world.spec.update.batches.push(count(IntOrString::Int(10)));
+    world.run(100);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    let v8 = world.update_revision().name;
+    assert_eq!(
+        world
+            .pods
+            .values()
+            .filter(|p| p.revision.as_deref() == Some(v8.as_str()))
+            .count(),
+        13
+    );
+}
+
+#[test]
 fn variants_run_other_images_side_by_side() {
     let mut world = ocr_world(UpdateStrategy::default());
     world.spec.variants = vec![
@@ -757,6 +777,39 @@ fn batch_members_are_fixed_before_anything_moves() {
     );
     assert_eq!(first.rollout.members, vec![0, 1, 2, 3, 4]);
     assert!(first.rollout.origins.values().any(|r| r == "0-4"));
+}
+
+#[test]
+fn preview_shows_every_batch_before_anything_moves() {
+    let mut world = ocr_world(batches(
+        vec![
+            instances(&[2, 5, 11]),
+            count(IntOrString::Int(10)),
+            Batch::default(),
+        ],
+        Promotion::Manual,
+        3,
+    ));
+    world.set_template(template("ocr:v8", None));
+    let update = world.update_revision();
+    world.revisions.insert(update.name.clone(), update.clone());
+    let variants = BTreeMap::new();
+    let input = Input {
+        spec: &world.spec,
+        approve: None,
+        abort: None,
+        status: &world.status,
+        pods: &world.pods,
+        revisions: &world.revisions,
+        update_revision: &update.name,
+        variant_revisions: &variants,
+        now: world.now,
+    };
+    let preview = crate::plan::preview(&input);
+    assert_eq!(preview[0], vec![2, 5, 11]);
+    assert_eq!(preview[1], vec![0, 1, 3, 4, 6, 7, 8, 9, 10, 12]);
+    assert_eq!(preview[2].len(), 12);
+    assert!(world.plan().actions.is_empty(), "previewing is not acting");
 }
 
 #[test]

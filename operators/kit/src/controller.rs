@@ -38,6 +38,28 @@ impl<Ctx, F> Shared<Ctx, F> {
     }
 }
 
+/// Waits until `store` has its first complete list. Re-polls every 200 ms: the store's own
+/// wait wakes only the last of several concurrent waiters (the controller waits on the same
+/// store), so a lone `wait_until_ready().await` can sleep forever. Returns false if the store's
+/// writer is gone.
+pub async fn cache_ready<K>(store: &kube::runtime::reflector::Store<K>) -> bool
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            store.wait_until_ready(),
+        )
+        .await
+        {
+            Ok(result) => return result.is_ok(),
+            Err(_elapsed) => continue,
+        }
+    }
+}
+
 /// `namespace/name`, or `name` for cluster-scoped objects.
 pub fn object_key<K: Resource>(obj: &K) -> String {
     let meta = obj.meta();
@@ -73,7 +95,7 @@ impl Runtime {
         let cache = self.readiness().track_cache();
         let store = controller.store();
         tokio::spawn(async move {
-            if store.wait_until_ready().await.is_ok() {
+            if cache_ready(&store).await {
                 tracing::info!(controller = name, "cache synced");
                 cache.synced();
             }

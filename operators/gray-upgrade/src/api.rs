@@ -273,6 +273,54 @@ pub struct HealthGate {
     /// its previous revision, in place; `Pause` leaves them and waits for a person.
     #[serde(default)]
     pub on_failure: FailurePolicy,
+    /// An HTTP GET each updated instance must answer with 2xx before it counts as healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<HttpCheck>,
+    /// A Prometheus query the batch must pass before it is promoted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusCheck>,
+}
+
+/// An HTTP health check against one instance.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCheck {
+    /// Request path, e.g. `/healthz`.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("path must start with /"))]
+    pub path: String,
+    /// Port on the pod.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Address to connect to instead of the pod IP, for instances reached through a local
+    /// proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub host: Option<String>,
+    /// Seconds to wait for an answer.
+    #[serde(default = "default_check_timeout")]
+    #[schemars(range(min = 1, max = 60))]
+    pub timeout_seconds: i32,
+}
+
+fn default_check_timeout() -> i32 {
+    2
+}
+
+/// A Prometheus query over the batch.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusCheck {
+    /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("self.startsWith('http://')").message("address must be an http:// URL"))]
+    pub address: String,
+    /// PromQL giving one number. `$pods` is replaced by a regular expression matching the
+    /// batch's pod names, e.g. `sum(rate(http_errors_total{pod=~"$pods"}[1m]))`.
+    #[schemars(length(min = 1, max = 4096))]
+    pub query: String,
+    /// The batch fails when the query's value is above this.
+    pub max_value: f64,
 }
 
 impl Default for HealthGate {
@@ -283,6 +331,8 @@ impl Default for HealthGate {
             progress_deadline_seconds: default_progress_deadline(),
             max_failed_instances: 0,
             on_failure: FailurePolicy::default(),
+            http_get: None,
+            prometheus: None,
         }
     }
 }

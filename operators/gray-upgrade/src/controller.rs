@@ -23,7 +23,10 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 
-use crate::api::{ANNOTATION_ABORT, ANNOTATION_APPROVE, GrayApp, GrayAppStatus, LABEL_APP};
+use crate::api::{
+    ANNOTATION_ABORT, ANNOTATION_APPROVE, GrayApp, GrayAppStatus, LABEL_APP, RolloutPhase,
+};
+use crate::checks::{self, MetricVerdict};
 use crate::metrics::{GrayMetrics, RevisionLabels};
 use crate::model::{Ordinal, PodView};
 use crate::objects;
@@ -255,6 +258,7 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
         }
     }
 
+    let (check_failures, metric) = run_checks(&app, &previous, &pods, &wanted.update.name).await;
     let annotations = app.annotations();
     let input = Input {
         spec: &app.spec,
@@ -265,6 +269,8 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
         revisions: &revisions,
         update_revision: &wanted.update.name,
         variant_revisions: &wanted.variant_of,
+        check_failures: &check_failures,
+        metric: &metric,
         now: now_s,
     };
     let plan = plan::plan(&input);
@@ -318,6 +324,84 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
 
     results.into_iter().collect::<Result<Vec<()>, Error>>()?;
     Ok(requeue(&plan))
+}
+
+/// The optional health checks of the current batch: HTTP against each member that is up, and
+/// the Prometheus query once every member is.
+async fn run_checks(
+    app: &GrayApp,
+    previous: &GrayAppStatus,
+    pods: &BTreeMap<Ordinal, PodView>,
+    update_revision: &str,
+) -> (BTreeMap<Ordinal, String>, MetricVerdict) {
+    let health = &app.spec.update.health;
+    let Some(rollout) = previous.rollout.as_ref().filter(|r| {
+        r.revision == update_revision
+            && matches!(r.phase, RolloutPhase::Progressing | RolloutPhase::Baking)
+    }) else {
+        return (BTreeMap::new(), MetricVerdict::NotChecked);
+    };
+    let up: Vec<&PodView> = rollout
+        .members
+        .iter()
+        .filter_map(|m| pods.get(m))
+        .filter(|p| {
+            p.revision.as_deref() == Some(update_revision) && p.in_place_done() && p.available()
+        })
+        .collect();
+    let mut failures = BTreeMap::new();
+    if let Some(check) = &health.http_get {
+        let timeout = Duration::from_secs(u64::try_from(check.timeout_seconds).unwrap_or(2));
+        let probes: Vec<_> = up
+            .iter()
+            .map(|p| async move {
+                let host = check.host.clone().or_else(|| p.ip.clone());
+                let verdict = match host {
+                    None => Err("the pod has no IP".to_string()),
+                    Some(host) => match checks::http_get(
+                        &format!("{host}:{}", check.port),
+                        &check.path,
+                        timeout,
+                    )
+                    .await
+                    {
+                        Ok((code, _)) if (200..300).contains(&code) => Ok(()),
+                        Ok((code, _)) => Err(format!("GET {} answered {code}", check.path)),
+                        Err(why) => Err(why),
+                    },
+                };
+                (p.ordinal, verdict)
+            })
+            .collect();
+        for (ordinal, verdict) in futures::future::join_all(probes).await {
+            if let Err(why) = verdict {
+                failures.insert(ordinal, why);
+            }
+        }
+    }
+    let metric = match &health.prometheus {
+        Some(query)
+            if !rollout.members.is_empty()
+                && up.len() == rollout.members.len()
+                && failures.is_empty() =>
+        {
+            let names: Vec<String> = rollout
+                .members
+                .iter()
+                .map(|m| objects::pod_name(&app.name_any(), *m))
+                .collect();
+            let promql = checks::expand_query(&query.query, &names);
+            checks::prometheus(
+                &query.address,
+                &promql,
+                query.max_value,
+                Duration::from_secs(5),
+            )
+            .await
+        }
+        _ => MetricVerdict::NotChecked,
+    };
+    (failures, metric)
 }
 
 fn requeue(plan: &Plan) -> Requeue {

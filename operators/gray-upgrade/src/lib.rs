@@ -1,6 +1,7 @@
 //! The gray-upgrade operator: `GrayApp` instances upgraded in place, in batches, health-gated.
 
 pub mod api;
+pub mod checks;
 pub mod controller;
 pub mod metrics;
 pub mod model;

@@ -56,6 +56,8 @@ pub struct PodView {
     pub ordinal: Ordinal,
     pub uid: String,
     pub node: Option<String>,
+    /// The pod's IP, for HTTP checks.
+    pub ip: Option<String>,
     pub labels: BTreeMap<String, String>,
     /// The revision label: what its containers run or are being moved to.
     pub revision: Option<String>,

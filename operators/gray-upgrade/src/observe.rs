@@ -50,6 +50,7 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
         ordinal,
         uid: meta.uid.clone().unwrap_or_default(),
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        ip: status.and_then(|s| s.pod_ip.clone()),
         labels: meta.labels.clone().unwrap_or_default(),
         revision: meta
             .labels

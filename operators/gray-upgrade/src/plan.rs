@@ -23,6 +23,7 @@ use crate::api::{
     Batch, FailurePolicy, GrayAppSpec, GrayAppStatus, Promotion, RolloutPhase, RolloutStatus,
     UpdateMethod,
 };
+use crate::checks::MetricVerdict;
 use crate::model::{
     ContainerBaseline, InPlaceRecord, Ordinal, PodView, Seconds, format_ranges, normalize_image,
     parse_ranges,
@@ -47,6 +48,10 @@ pub struct Input<'a> {
     pub update_revision: &'a str,
     /// The revision each variant instance runs.
     pub variant_revisions: &'a BTreeMap<Ordinal, String>,
+    /// Batch members whose HTTP check failed, with why.
+    pub check_failures: &'a BTreeMap<Ordinal, String>,
+    /// What the batch's Prometheus query said.
+    pub metric: &'a MetricVerdict,
     pub now: Seconds,
 }
 
@@ -508,6 +513,7 @@ pub fn plan(input: &Input) -> Plan {
         RolloutPhase::Progressing | RolloutPhase::Baking
     );
     let mut all_healthy = true;
+    let mut waiting_for_metric = false;
     if in_batch {
         for &m in &rollout.members {
             if failed.contains(&m) {
@@ -516,7 +522,9 @@ pub fn plan(input: &Input) -> Plan {
             let pod = input.pods.get(&m);
             let on_target =
                 pod.is_some_and(|p| p.revision.as_deref() == Some(rollout.revision.as_str()));
+            let check_failure = input.check_failures.get(&m);
             let healthy = on_target
+                && check_failure.is_none()
                 && pod.is_some_and(|p| {
                     p.in_place_done()
                         && p.available()
@@ -530,17 +538,20 @@ pub fn plan(input: &Input) -> Plan {
                     .filter(|r| r.revision == rollout.revision)
                     .map_or(p.created_at, |r| r.patched_at);
                 let deadline = started + Seconds::from(health.progress_deadline_seconds);
-                let too_slow =
-                    !(p.in_place_done() && p.containers_ready()) && input.now >= deadline;
+                let too_slow = (!(p.in_place_done() && p.containers_ready())
+                    || check_failure.is_some())
+                    && input.now >= deadline;
                 let crashing = p.restarts_since_update() > health.max_restarts;
                 if too_slow || crashing || p.terminal {
                     failed.insert(m);
                     let why = if crashing {
-                        "restarted too often"
+                        "restarted too often".to_string()
                     } else if p.terminal {
-                        "terminated"
+                        "terminated".to_string()
+                    } else if let Some(check) = check_failure {
+                        format!("failed its HTTP check until the progress deadline ({check})")
                     } else {
-                        "not Ready within the progress deadline"
+                        "not Ready within the progress deadline".to_string()
                     };
                     planner.note(
                         true,
@@ -552,8 +563,38 @@ pub fn plan(input: &Input) -> Plan {
                 }
             }
         }
+        // The batch's metric, once every member is healthy: above the threshold fails the
+        // batch; no answer holds it.
+        let mut metric_failure = None;
+        if all_healthy && health.prometheus.is_some() {
+            match input.metric {
+                MetricVerdict::Failed(why) => metric_failure = Some(why.clone()),
+                MetricVerdict::Unknown(why) => {
+                    all_healthy = false;
+                    waiting_for_metric = true;
+                    rollout.message = format!("waiting for the batch's Prometheus check: {why}");
+                    planner.requeue_in(10);
+                }
+                MetricVerdict::NotChecked => {
+                    all_healthy = false;
+                    planner.requeue_in(1);
+                }
+                MetricVerdict::Passed(_) => {}
+            }
+        }
         let budget = usize::try_from(health.max_failed_instances).unwrap_or(0);
-        if failed.len() > budget {
+        if let Some(why) = metric_failure {
+            all_healthy = false;
+            rollout.message = format!(
+                "batch {} failed its Prometheus check: {why}",
+                rollout.batch + 1
+            );
+            planner.note(true, "BatchFailed", rollout.message.clone());
+            rollout.phase = match health.on_failure {
+                FailurePolicy::Rollback => RolloutPhase::RollingBack,
+                FailurePolicy::Pause => RolloutPhase::Failed,
+            };
+        } else if failed.len() > budget {
             all_healthy = false;
             let list = failed
                 .iter()
@@ -769,10 +810,12 @@ pub fn plan(input: &Input) -> Plan {
                 .iter()
                 .filter(|m| !failed.contains(m))
                 .count();
-            rollout.message = format!(
-                "updating batch {}: {pending} instance(s) in flight or waiting",
-                rollout.batch + 1
-            );
+            if !waiting_for_metric {
+                rollout.message = format!(
+                    "updating batch {}: {pending} instance(s) in flight or waiting",
+                    rollout.batch + 1
+                );
+            }
         }
     } else if rollout.phase == RolloutPhase::AwaitingApproval {
         advance(&mut planner, &mut rollout, &mut current_revision, input);

@@ -13,6 +13,7 @@ use crate::api::{
     Batch, FailurePolicy, GrayAppSpec, GrayAppStatus, Promotion, RevisionStatus, RolloutPhase,
     UpdateStrategy,
 };
+use crate::checks::MetricVerdict;
 use crate::model::{ContainerView, Ordinal, PodView, Seconds, format_ranges};
 use crate::plan::{Action, DeleteReason, Input, Plan, desired_ordinals, max_unavailable, plan};
 use crate::revision::{Revision, with_images};
@@ -88,6 +89,10 @@ struct World {
     broken_images: BTreeSet<String>,
     /// Instances whose containers never become Ready on any image but the original `ocr:v7`.
     broken_instances: BTreeSet<Ordinal>,
+    /// Instances whose HTTP check fails.
+    check_failures: BTreeMap<Ordinal, String>,
+    /// The batch metric's verdict.
+    metric: MetricVerdict,
     /// Every disruptive action taken, for the "never twice" checks.
     patches: Vec<(Ordinal, String)>,
     recreates: Vec<Ordinal>,
@@ -107,6 +112,8 @@ impl World {
             next_id: 0,
             broken_images: BTreeSet::new(),
             broken_instances: BTreeSet::new(),
+            check_failures: BTreeMap::new(),
+            metric: MetricVerdict::NotChecked,
             patches: Vec::new(),
             recreates: Vec::new(),
         };
@@ -151,6 +158,8 @@ impl World {
             revisions: &self.revisions,
             update_revision: &update.name,
             variant_revisions: &variants,
+            check_failures: &self.check_failures,
+            metric: &self.metric,
             now: self.now,
         };
         plan(&input)
@@ -803,6 +812,8 @@ fn preview_shows_every_batch_before_anything_moves() {
         revisions: &world.revisions,
         update_revision: &update.name,
         variant_revisions: &variants,
+        check_failures: &BTreeMap::new(),
+        metric: &MetricVerdict::NotChecked,
         now: world.now,
     };
     let preview = crate::plan::preview(&input);
@@ -915,6 +926,77 @@ proptest! {
             world.step();
         }
     }
+}
+
+#[test]
+fn failing_http_check_fails_the_instance_at_the_deadline() {
+    let mut world = ocr_world(batches(vec![instances(&[2, 5])], Promotion::Auto, 2));
+    world.spec.update.health.progress_deadline_seconds = 15;
+    world.check_failures.insert(5, "GET /healthz: 503".into());
+    let v7 = world.update_revision().name;
+    world.set_template(template("ocr:v8", None));
+    world.run(8);
+    assert_eq!(
+        world.rollout_phase(),
+        Some(RolloutPhase::Progressing),
+        "waits while within the deadline"
+    );
+    world.run(200);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Failed));
+    assert_eq!(world.revision_of(5), Some(v7.clone()));
+    assert_eq!(
+        world.revision_of(2),
+        Some(v7),
+        "the whole batch rolled back"
+    );
+}
+
+#[test]
+fn metric_above_threshold_fails_the_batch() {
+    let mut world = ocr_world(batches(
+        vec![instances(&[1]), Batch::default()],
+        Promotion::Auto,
+        1,
+    ));
+    world.spec.update.health.prometheus = Some(crate::api::PrometheusCheck {
+        address: "http://prom:9090".into(),
+        query: "errors".into(),
+        max_value: 0.1,
+    });
+    world.metric = MetricVerdict::Failed("query value 0.5 is above 0.1".into());
+    let v7 = world.update_revision().name;
+    world.set_template(template("ocr:v8", None));
+    world.run(100);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Failed));
+    assert_eq!(world.revision_of(1), Some(v7));
+}
+
+#[test]
+fn metric_without_an_answer_holds_the_batch() {
+    let mut world = ocr_world(batches(
+        vec![instances(&[1]), Batch::default()],
+        Promotion::Auto,
+        1,
+    ));
+    world.spec.update.health.prometheus = Some(crate::api::PrometheusCheck {
+        address: "http://prom:9090".into(),
+        query: "errors".into(),
+        max_value: 0.1,
+    });
+    world.metric = MetricVerdict::Unknown("connection refused".into());
+    world.set_template(template("ocr:v8", None));
+    world.run(30);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Progressing));
+    assert!(
+        world
+            .status
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.message.contains("connection refused"))
+    );
+    world.metric = MetricVerdict::Passed(0.0);
+    world.run(100);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
 }
 
 #[test]

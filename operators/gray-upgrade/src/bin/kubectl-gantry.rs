@@ -307,6 +307,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 revisions: &revisions,
                 update_revision: &update.name,
                 variant_revisions: &variants,
+                check_failures: &BTreeMap::new(),
+                metric: &gray_upgrade::checks::MetricVerdict::NotChecked,
                 now: 0,
             };
             println!(

@@ -231,7 +231,7 @@ mod tests {
         );
         assert!(
             parse_query_value(r#"{"status":"error","error":"bad_data"}"#)
-                .unwrap_err()
+                .expect_err("an error answer")
                 .contains("bad_data")
         );
         assert!(parse_query_value("<html>").is_err());

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use k8s_openapi::api::core::v1::{Event, Namespace};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     Api, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
@@ -29,8 +29,12 @@ pub const FIELD_MANAGER: &str = "gantry-e2e";
 /// Extended resource every node of the shared test cluster has 4 of.
 pub const TEST_EXTENDED_RESOURCE: &str = "example.com/widget";
 
+/// GPUs as the GPU-sharing and gray-upgrade tests see them; every node of the shared test
+/// cluster has 20 (enough for 25 instances holding 2 each).
+pub const TEST_GPU_RESOURCE: &str = "nvidia.com/gpu";
+
 /// The spec of the shared test cluster: three nodes `kwok-node-{0,1,2}`, each with
-/// 32 CPUs, 256 GiB, 110 pods and 4 `example.com/widget`.
+/// 32 CPUs, 256 GiB, 110 pods, 4 `example.com/widget` and 20 `nvidia.com/gpu`.
 pub fn test_cluster_spec() -> ClusterSpec {
     let name = std::env::var(CLUSTER_ENV)
         .ok()
@@ -38,7 +42,11 @@ pub fn test_cluster_spec() -> ClusterSpec {
         .unwrap_or_else(|| "e2e".into());
     ClusterSpec {
         name,
-        node_pools: vec![NodePool::new("kwok-node", 3).with_capacity(TEST_EXTENDED_RESOURCE, "4")],
+        node_pools: vec![
+            NodePool::new("kwok-node", 3)
+                .with_capacity(TEST_EXTENDED_RESOURCE, "4")
+                .with_capacity(TEST_GPU_RESOURCE, "20"),
+        ],
         scheduler_extenders: Vec::new(),
     }
 }
@@ -247,11 +255,12 @@ where
     };
     let namespace = last.as_ref().and_then(|o| o.meta().namespace.clone());
     let events = events_text(&client, namespace.as_deref(), &[name.to_owned()]).await;
+    let context = namespace_summary(&client, namespace.as_deref()).await;
     let detail = last_err
         .map(|e| format!("\nlast error: {e}"))
         .unwrap_or_default();
     bail!(
-        "timed out after {timeout:?} waiting for {what}{detail}\n--- object ---\n{objects}--- events ---\n{events}"
+        "timed out after {timeout:?} waiting for {what}{detail}\n--- object ---\n{objects}--- events ---\n{events}{context}"
     )
 }
 
@@ -297,12 +306,99 @@ where
     } else {
         events_text(&client, namespace.as_deref(), &names).await
     };
+    let context = namespace_summary(&client, namespace.as_deref()).await;
     let detail = last_err
         .map(|e| format!("\nlast error: {e}"))
         .unwrap_or_default();
     bail!(
-        "timed out after {timeout:?} waiting for {what}{detail}\n--- objects ---\n{objects}--- events ---\n{events}"
+        "timed out after {timeout:?} waiting for {what}{detail}\n--- objects ---\n{objects}--- events ---\n{events}{context}"
     )
+}
+
+/// One line per pod of the namespace (phase, readiness, node, each container's image, restarts
+/// and state) and the namespace's Warning events: what an operator's objects usually hinge on.
+/// Empty without a namespace.
+pub async fn namespace_summary(client: &Client, namespace: Option<&str>) -> String {
+    let Some(ns) = namespace else {
+        return String::new();
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut out = format!("--- pods in {ns} ---\n");
+    match pods.list(&ListParams::default()).await {
+        Ok(list) if list.items.is_empty() => out.push_str("(none)\n"),
+        Ok(list) => {
+            for pod in list.items.iter().take(100) {
+                out.push_str(&pod_line(pod));
+                out.push('\n');
+            }
+            if list.items.len() > 100 {
+                out.push_str(&format!("... and {} more\n", list.items.len() - 100));
+            }
+        }
+        Err(e) => out.push_str(&format!("(listing pods failed: {e})\n")),
+    }
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    let warnings = api
+        .list(&ListParams::default().fields("type=Warning"))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    out.push_str(&format!("--- Warning events in {ns} ---\n"));
+    if warnings.is_empty() {
+        out.push_str("(none)\n");
+    }
+    for e in warnings.iter().rev().take(30).rev() {
+        out.push_str(&format!(
+            "{} {}/{}: {}\n",
+            e.reason.as_deref().unwrap_or(""),
+            e.involved_object.kind.as_deref().unwrap_or(""),
+            e.involved_object.name.as_deref().unwrap_or(""),
+            e.message.as_deref().unwrap_or("").trim(),
+        ));
+    }
+    out
+}
+
+/// `name phase Ready=<status> node=<node> [container=image restarts=N ready=B state] ...`
+pub fn pod_line(pod: &Pod) -> String {
+    let status = pod.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .map_or("-", |c| c.status.as_str());
+    let mut line = format!(
+        "{} {} Ready={ready} node={}",
+        pod.name_any(),
+        status.and_then(|s| s.phase.as_deref()).unwrap_or("-"),
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .unwrap_or("-"),
+    );
+    if pod.metadata.deletion_timestamp.is_some() {
+        line.push_str(" (terminating)");
+    }
+    for c in status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let state = match &c.state {
+            Some(st) if st.running.is_some() => "running".to_owned(),
+            Some(st) if st.terminated.is_some() => "terminated".to_owned(),
+            Some(st) => st
+                .waiting
+                .as_ref()
+                .and_then(|w| w.reason.clone())
+                .unwrap_or_else(|| "waiting".to_owned()),
+            None => "-".to_owned(),
+        };
+        line.push_str(&format!(
+            " [{}={} restarts={} ready={} {state}]",
+            c.name, c.image, c.restart_count, c.ready
+        ));
+    }
+    line
 }
 
 /// Waits until the named object is gone.

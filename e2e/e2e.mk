@@ -50,7 +50,7 @@ test-e2e: k8s-bins ## End-to-end tests against a local cluster ("e2e"; stopped a
 	  test -n "$$noop" || { echo "could not build gantry-noop"; exit 1; }; \
 	  start=$$(date +%s); status=0; \
 	  GANTRY_K8S_BIN_DIR=$$bins GANTRY_NOOP_BIN=$$noop HELM3=$(HELM3) GANTRY_E2E_CLUSTER=e2e \
-	    $(CARGO) test -p gantry-e2e $(E2E_TEST_ARGS) || status=$$?; \
+	    $(CARGO) test --no-fail-fast -p gantry-e2e $(E2E_TEST_ARGS) || status=$$?; \
 	  echo "test-e2e: $$(( $$(date +%s) - start )) s"; \
 	  if [ -z "$(KEEP_CLUSTER)" ]; then $(E2E_CLUSTER_CLI) down --name e2e; fi; \
 	  exit $$status

@@ -116,12 +116,11 @@ impl HttpsServer {
                                 Err(_) => Bytes::new(),
                             };
                             let response = handler(Request { method, path, body }).await;
-                            let mut builder = hyper::Response::builder()
-                                .status(response.status)
+                            let status = http::StatusCode::from_u16(response.status)
+                                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+                            let builder = hyper::Response::builder()
+                                .status(status)
                                 .header("content-type", response.content_type);
-                            if response.status == 0 {
-                                builder = builder.status(500);
-                            }
                             Ok::<_, Infallible>(
                                 builder
                                     .body(Full::new(Bytes::from(response.body)))

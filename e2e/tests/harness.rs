@@ -10,14 +10,14 @@ use anyhow::{Context, Result, bail, ensure};
 use gantry_e2e::http;
 use gantry_e2e::operator::{OperatorProcess, identity_from_chart};
 use gantry_e2e::testing::{
-    TEST_EXTENDED_RESOURCE, TestEnv, wait_for, wait_for_list, wait_for_object,
+    TEST_EXTENDED_RESOURCE, TestEnv, install_crds, wait_for, wait_for_list, wait_for_object,
 };
 use gantry_e2e::webhook::{HttpsServer, Response};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use serde_json::json;
@@ -632,6 +632,16 @@ async fn kit_operator_instances_never_lead_at_once_and_take_over_from_a_dead_lea
     )
     .await?;
 
+    // The kubeconfig really is the ServiceAccount, not an administrator.
+    let as_operator = gantry_e2e::cluster::client_from_kubeconfig(&identity.kubeconfig).await?;
+    let secrets: Api<Secret> = Api::namespaced(as_operator, env.namespace());
+    match secrets.list(&ListParams::default()).await {
+        Err(kube::Error::Api(status)) if status.code == 403 => {}
+        other => {
+            bail!("listing Secrets as the noop ServiceAccount should be forbidden, got {other:?}")
+        }
+    }
+
     let a = Instance::start(&env, &binary, &identity.kubeconfig, "noop-a")?;
     let b = Instance::start(&env, &binary, &identity.kubeconfig, "noop-b")?;
     let leases: Api<Lease> = env.api();
@@ -720,5 +730,19 @@ async fn kit_operator_instances_never_lead_at_once_and_take_over_from_a_dead_lea
     if overlap.load(Ordering::SeqCst) {
         bail!("both instances reported leadership at the same time");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_crd_in_the_repository_is_accepted_and_established() -> Result<()> {
+    let env = TestEnv::new("crds").await?;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let names = install_crds(&env.client, &dir).await?;
+    let files = std::fs::read_dir(&dir)?.count();
+    ensure!(
+        files == 0 || !names.is_empty(),
+        "no CRD found in {}",
+        dir.display()
+    );
     Ok(())
 }

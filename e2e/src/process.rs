@@ -190,3 +190,52 @@ pub fn environ_contains(pid: u32, needle: &str) -> bool {
             .any(|entry| entry == needle.as_bytes())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spawned_groups_are_recognised_and_stopped() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("gantry-e2e-process-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut cmd = Command::new("sh");
+        // A child of the leader too: stopping the group must stop both.
+        cmd.args(["-c", "sleep 60 & sleep 60"])
+            .env("GANTRY_TEST_MARKER", "yes");
+        let pid = spawn_group(&mut cmd, &dir.join("log"))?;
+        assert!(alive(pid));
+        assert!(environ_contains(pid, "GANTRY_TEST_MARKER=yes"));
+        assert!(!environ_contains(pid, "GANTRY_TEST_MARKER=no"));
+        stop_group(pid, Duration::from_secs(5));
+        assert!(!alive(pid));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn pid_dir_stops_only_processes_that_mention_the_marker() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("gantry-e2e-piddir-{}", std::process::id()));
+        let pids = PidDir::new(dir.join("pids"));
+        let marker = dir.to_string_lossy().into_owned();
+        let mut ours = Command::new("sh");
+        ours.args(["-c", &format!("sleep 60 # {marker}")]);
+        std::fs::create_dir_all(&dir)?;
+        let ours = spawn_group(&mut ours, &dir.join("ours.log"))?;
+        let mut other = Command::new("sleep");
+        other.arg("60");
+        let other = spawn_group(&mut other, &dir.join("other.log"))?;
+        pids.record("ours", ours)?;
+        pids.record("other", other)?;
+        pids.stop_all(&marker, &[])?;
+        assert!(!alive(ours));
+        assert!(
+            alive(other),
+            "a process not mentioning the marker must be left alone"
+        );
+        assert!(pids.entries().is_empty());
+        stop_group(other, Duration::from_secs(5));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}

@@ -199,10 +199,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Verb::Abort { app } => {
             let current = get(app.clone()).await?;
-            let revision = current
-                .status
-                .and_then(|s| s.update_revision)
-                .ok_or_else(|| anyhow!("{app} has no rollout to abort"))?;
+            // From the spec, not status: status may not have caught up with the last change.
+            let revision = Revision::new(&app, current.spec.template.clone()).name;
             apps.patch(
                 &app,
                 &params,

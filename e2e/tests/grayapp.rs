@@ -1,0 +1,637 @@
+//! GrayApp end to end: the gray-upgrade operator runs on the host as the ServiceAccount its
+//! chart creates (watching only the test's namespace, with the chart's namespaced RBAC),
+//! against the real control plane and kwok nodes whose `nvidia.com/gpu` stands in for GPUs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::StreamExt;
+use gantry_e2e::operator::{OperatorProcess, identity_from_chart};
+use gantry_e2e::testing::{TestEnv, install_crds, wait_for, wait_for_object};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const GPU: &str = "nvidia.com/gpu";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The operator binary: `GANTRY_GRAY_UPGRADE_BIN`, else built here.
+fn operator_binary() -> Result<PathBuf> {
+    if let Ok(path) = std::env::var("GANTRY_GRAY_UPGRADE_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    static BUILT: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = std::process::Command::new(
+                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+            )
+            .current_dir(repo())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "gantry-gray-upgrade",
+                "--bin",
+                "gantry-gray-upgrade",
+                "--message-format=json",
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
+                .find(|p| p.ends_with("gantry-gray-upgrade"))
+                .ok_or_else(|| {
+                    format!(
+                        "could not build gantry-gray-upgrade: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                })
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// A test namespace with the CRD installed and the operator running in it.
+struct Gray {
+    env: TestEnv,
+    operators: Vec<OperatorProcess>,
+    kubeconfig: PathBuf,
+}
+
+impl Gray {
+    async fn start(prefix: &str) -> Result<Self> {
+        let env = TestEnv::new(prefix).await?;
+        install_crds(&env.client, &repo().join("crds")).await?;
+        let ns = env.namespace().to_string();
+        let identity = identity_from_chart(
+            &env.cluster,
+            &env.client,
+            &repo().join("charts/gray-upgrade"),
+            &ns,
+            &ns,
+            &[
+                ("watchNamespace", ns.as_str()),
+                ("fullnameOverride", ns.as_str()),
+                ("replicas", "2"),
+            ],
+            None,
+        )
+        .await?;
+        let mut gray = Self {
+            env,
+            operators: Vec::new(),
+            kubeconfig: identity.kubeconfig,
+        };
+        gray.spawn_operator("a")?;
+        Ok(gray)
+    }
+
+    fn spawn_operator(&mut self, id: &str) -> Result<()> {
+        let ns = self.env.namespace().to_string();
+        let args: Vec<String> = [
+            "run",
+            "--metrics-addr=127.0.0.1:0",
+            "--health-addr=127.0.0.1:0",
+            "--leader-elect",
+            &format!("--lease-name={ns}"),
+            &format!("--lease-namespace={ns}"),
+            &format!("--identity={id}"),
+            &format!("--namespace={ns}"),
+            "--lease-duration-seconds=6",
+            "--log-format=text",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        let process = OperatorProcess::spawn(
+            &self.env.cluster,
+            &format!("{ns}-{id}"),
+            &operator_binary()?,
+            &args,
+            &self.kubeconfig,
+            &[],
+        )?;
+        self.operators.push(process);
+        Ok(())
+    }
+
+    async fn create(&self, name: &str, replicas: i32, image: &str, update: Value) -> Result<()> {
+        let object = json!({
+            "apiVersion": "apps.gantry.dev/v1alpha1",
+            "kind": "GrayApp",
+            "metadata": {"name": name, "namespace": self.env.namespace()},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": template(name, image, None),
+                "update": update,
+            }
+        });
+        self.dynamic()
+            .create(&PostParams::default(), &serde_json::from_value(object)?)
+            .await?;
+        Ok(())
+    }
+
+    fn dynamic(&self) -> Api<kube::api::DynamicObject> {
+        let resource = kube::api::ApiResource {
+            group: "apps.gantry.dev".into(),
+            version: "v1alpha1".into(),
+            api_version: "apps.gantry.dev/v1alpha1".into(),
+            kind: "GrayApp".into(),
+            plural: "grayapps".into(),
+        };
+        Api::namespaced_with(self.env.client.clone(), self.env.namespace(), &resource)
+    }
+
+    async fn patch(&self, name: &str, patch: Value) -> Result<()> {
+        self.dynamic()
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        Ok(())
+    }
+
+    async fn status(&self, name: &str) -> Result<Value> {
+        Ok(self.dynamic().get(name).await?.data["status"].clone())
+    }
+
+    /// Waits until the app's status satisfies `cond`, returning the status.
+    async fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        cond: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        // Only a status written for the current generation counts: one from before the last
+        // change could satisfy a condition about the change.
+        let app = wait_for_object(&self.dynamic(), name, what, TIMEOUT, |o| {
+            o.data["status"]["observedGeneration"].as_i64() == o.metadata.generation
+                && cond(&o.data["status"])
+        })
+        .await?;
+        Ok(app.data["status"].clone())
+    }
+
+    async fn pods(&self, app: &str) -> Result<BTreeMap<String, Pod>> {
+        let pods: Api<Pod> = self.env.api();
+        let list = pods
+            .list(&kube::api::ListParams::default().labels(&format!("apps.gantry.dev/app={app}")))
+            .await?;
+        Ok(list.items.into_iter().map(|p| (p.name_any(), p)).collect())
+    }
+}
+
+/// The pod template; only the OCR story's instances hold GPUs (2 each), so that tests running
+/// side by side do not compete for them.
+fn template(app: &str, image: &str, args: Option<&str>) -> Value {
+    let mut container = json!({"name": "ocr", "image": image});
+    if app == "ocr" {
+        container["resources"] = json!({"limits": {GPU: "2"}});
+    }
+    if let Some(a) = args {
+        container["args"] = json!([a]);
+    }
+    json!({"metadata": {"labels": {"app": app}}, "spec": {"containers": [container]}})
+}
+
+fn image_patch(app: &str, image: &str) -> Value {
+    json!({"spec": {"template": template(app, image, None)}})
+}
+
+fn phase(status: &Value) -> &str {
+    status["rollout"]["phase"].as_str().unwrap_or_default()
+}
+
+fn condition(status: &Value, type_: &str) -> Option<String> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str().map(String::from))
+}
+
+fn ready_count(status: &Value) -> i64 {
+    status["readyReplicas"].as_i64().unwrap_or(0)
+}
+
+fn image_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.containers[0].image.clone())
+        .unwrap_or_default()
+}
+
+fn restarts(pod: &Pod) -> i32 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |c| c[0].restart_count)
+}
+
+/// uid and node of every pod.
+fn identities(pods: &BTreeMap<String, Pod>) -> BTreeMap<String, (String, String)> {
+    pods.iter()
+        .map(|(n, p)| {
+            (
+                n.clone(),
+                (
+                    p.uid().unwrap_or_default(),
+                    p.spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.clone())
+                        .unwrap_or_default(),
+                ),
+            )
+        })
+        .collect()
+}
+
+async fn approve(gray: &Gray, app: &str) -> Result<()> {
+    let status = gray.status(app).await?;
+    let value = format!(
+        "{}/{}",
+        status["rollout"]["revision"].as_str().unwrap_or_default(),
+        status["rollout"]["batch"]
+    );
+    gray.patch(
+        app,
+        json!({"metadata": {"annotations": {"apps.gantry.dev/approve": value}}}),
+    )
+    .await
+}
+
+/// Watches the EndpointSlices of `service` and records every readiness each pod's endpoint
+/// was seen with.
+fn watch_endpoints(gray: &Gray, service: &str) -> Arc<Mutex<BTreeMap<String, BTreeSet<bool>>>> {
+    let seen: Arc<Mutex<BTreeMap<String, BTreeSet<bool>>>> = Arc::default();
+    let api: Api<EndpointSlice> = gray.env.api();
+    let config =
+        watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        let mut stream = watcher(api, config).applied_objects().boxed();
+        while let Some(Ok(slice)) = stream.next().await {
+            let mut map = record
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for endpoint in &slice.endpoints {
+                let Some(pod) = endpoint.target_ref.as_ref().and_then(|t| t.name.clone()) else {
+                    continue;
+                };
+                let ready = endpoint
+                    .conditions
+                    .as_ref()
+                    .and_then(|c| c.ready)
+                    .unwrap_or(false);
+                map.entry(pod).or_default().insert(ready);
+            }
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn ocr_story_upgrades_chosen_instances_in_place_batch_by_batch() -> Result<()> {
+    let gray = Gray::start("gray-ocr").await?;
+    let update = json!({"maxUnavailable": 3, "gracePeriodSeconds": 2, "promotion": "Manual",
+        "batches": [{"instances": [2, 5, 11]}, {"count": 10}, {}]});
+    gray.create("ocr", 25, "ocr:v7", update).await?;
+    let services: Api<Service> = gray.env.api();
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "ocr"},
+                "spec": {"selector": {"app": "ocr"}, "ports": [{"port": 80}]}
+            }))?,
+        )
+        .await?;
+    gray.wait_status("ocr", "25 instances Ready", |s| {
+        ready_count(s) == 25 && condition(s, "Ready").as_deref() == Some("True")
+    })
+    .await?;
+    let before = identities(&gray.pods("ocr").await?);
+    let endpoints = watch_endpoints(&gray, "ocr");
+
+    gray.patch("ocr", image_patch("ocr", "ocr:v8")).await?;
+    let status = gray
+        .wait_status("ocr", "batch 1 to pass and wait for approval", |s| {
+            phase(s) == "AwaitingApproval"
+        })
+        .await?;
+    assert_eq!(status["rollout"]["members"], json!([2, 5, 11]));
+    let pods = gray.pods("ocr").await?;
+    let on_v8: BTreeSet<String> = pods
+        .iter()
+        .filter(|(_, p)| image_of(p) == "ocr:v8")
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert_eq!(
+        on_v8,
+        ["ocr-11", "ocr-2", "ocr-5"]
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    );
+    {
+        let seen = endpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for pod in ["ocr-2", "ocr-5", "ocr-11"] {
+            assert!(
+                seen.get(pod).is_some_and(|s| s.contains(&false)),
+                "{pod} never left the Service's endpoints: {seen:?}"
+            );
+        }
+        assert!(
+            !seen.get("ocr-0").is_some_and(|s| s.contains(&false)),
+            "ocr-0 was taken out of service: {seen:?}"
+        );
+    }
+
+    approve(&gray, "ocr").await?;
+    gray.wait_status("ocr", "batch 2 to pass", |s| {
+        phase(s) == "AwaitingApproval" && s["rollout"]["batch"] == 1
+    })
+    .await?;
+    assert_eq!(
+        gray.pods("ocr")
+            .await?
+            .values()
+            .filter(|p| image_of(p) == "ocr:v8")
+            .count(),
+        13
+    );
+
+    approve(&gray, "ocr").await?;
+    let status = gray
+        .wait_status("ocr", "the rollout to complete", |s| {
+            phase(s) == "Completed" && ready_count(s) == 25
+        })
+        .await?;
+    assert_eq!(condition(&status, "Ready").as_deref(), Some("True"));
+    let pods = gray.pods("ocr").await?;
+    assert!(pods.values().all(|p| image_of(p) == "ocr:v8"));
+    assert_eq!(
+        identities(&pods),
+        before,
+        "every instance kept its pod (UID) and node"
+    );
+    assert!(
+        pods.values().all(|p| restarts(p) == 1),
+        "each container restarted exactly once"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn several_versions_run_side_by_side_at_rest() -> Result<()> {
+    let gray = Gray::start("gray-mixed").await?;
+    gray.create("web", 8, "web:v7", json!({"maxUnavailable": 2}))
+        .await?;
+    gray.wait_status("web", "8 Ready", |s| ready_count(s) == 8)
+        .await?;
+    gray.patch(
+        "web",
+        json!({"spec": {"variants": [
+            {"name": "v8", "instances": [2, 5], "images": {"ocr": "web:v8"}},
+            {"name": "v9", "instances": [4], "images": {"ocr": "web:v9"}}
+        ]}}),
+    )
+    .await?;
+    let status = gray
+        .wait_status("web", "three revisions at rest", |s| {
+            s["revisions"].as_array().is_some_and(|r| r.len() == 3)
+                && ready_count(s) == 8
+                && condition(s, "Ready").as_deref() == Some("True")
+        })
+        .await?;
+    let spread: BTreeMap<String, String> = status["revisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["images"]["ocr"].as_str().unwrap_or_default().to_string(),
+                r["instances"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(spread.get("web:v7").map(String::as_str), Some("0-1,3,6-7"));
+    assert_eq!(spread.get("web:v8").map(String::as_str), Some("2,5"));
+    assert_eq!(spread.get("web:v9").map(String::as_str), Some("4"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn abort_mid_batch_returns_every_moved_instance() -> Result<()> {
+    let gray = Gray::start("gray-abort").await?;
+    gray.create(
+        "api",
+        6,
+        "api:v1",
+        json!({"maxUnavailable": 1, "gracePeriodSeconds": 4, "batches": [{}]}),
+    )
+    .await?;
+    gray.wait_status("api", "6 Ready", |s| ready_count(s) == 6)
+        .await?;
+    gray.patch("api", image_patch("api", "api:v2")).await?;
+    gray.wait_status("api", "one instance moved", |s| {
+        s["updatedReplicas"].as_i64().unwrap_or(0) >= 1
+    })
+    .await?;
+    let revision = gray.status("api").await?["updateRevision"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    gray.patch(
+        "api",
+        json!({"metadata": {"annotations": {"apps.gantry.dev/abort": revision}}}),
+    )
+    .await?;
+    let status = gray
+        .wait_status("api", "the abort to finish", |s| {
+            phase(s) == "Aborted" && ready_count(s) == 6
+        })
+        .await?;
+    assert_eq!(condition(&status, "Stalled").as_deref(), Some("True"));
+    let pods = gray.pods("api").await?;
+    assert!(
+        pods.values().all(|p| image_of(p) == "api:v1"),
+        "everyone back on v1"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn reverting_the_template_while_an_instance_is_mid_update_converges() -> Result<()> {
+    let gray = Gray::start("gray-revert").await?;
+    gray.create(
+        "svc",
+        4,
+        "svc:v1",
+        json!({"maxUnavailable": 1, "gracePeriodSeconds": 5}),
+    )
+    .await?;
+    gray.wait_status("svc", "4 Ready", |s| ready_count(s) == 4)
+        .await?;
+    gray.patch("svc", image_patch("svc", "svc:v2")).await?;
+    // The first instance is out of service, waiting out its grace period: revert now.
+    wait_for("an instance out of service", TIMEOUT, || async {
+        let pods = gray.pods("svc").await?;
+        let out = pods.values().any(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "apps.gantry.dev/in-service" && c.status == "False")
+                })
+        });
+        Ok(out.then_some(()))
+    })
+    .await?;
+    gray.patch("svc", image_patch("svc", "svc:v1")).await?;
+    gray.wait_status("svc", "convergence on v1", |s| {
+        phase(s) == "Completed" && ready_count(s) == 4 && s["updatedReplicas"] == 4
+    })
+    .await?;
+    assert!(
+        gray.pods("svc")
+            .await?
+            .values()
+            .all(|p| image_of(p) == "svc:v1")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_change_that_cannot_happen_in_place_recreates_under_the_same_name() -> Result<()> {
+    let gray = Gray::start("gray-recreate").await?;
+    gray.create("job", 3, "job:v1", json!({"maxUnavailable": 1}))
+        .await?;
+    gray.wait_status("job", "3 Ready", |s| ready_count(s) == 3)
+        .await?;
+    let before = identities(&gray.pods("job").await?);
+    gray.patch(
+        "job",
+        json!({"spec": {"template": template("job", "job:v1", Some("--fast"))}}),
+    )
+    .await?;
+    gray.wait_status("job", "all recreated", |s| {
+        phase(s) == "Completed" && ready_count(s) == 3 && s["updatedReplicas"] == 3
+    })
+    .await?;
+    let after = identities(&gray.pods("job").await?);
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "same names"
+    );
+    assert!(
+        after.iter().all(|(n, (uid, _))| before[n].0 != *uid),
+        "new pods"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn operator_killed_mid_batch_resumes_without_upgrading_anyone_twice() -> Result<()> {
+    let mut gray = Gray::start("gray-kill").await?;
+    gray.create("db", 6, "db:v1", json!({"maxUnavailable": 2, "gracePeriodSeconds": 2, "promotion": "Auto", "batches": [{"count": 3}, {}]})).await?;
+    gray.wait_status("db", "6 Ready", |s| ready_count(s) == 6)
+        .await?;
+    gray.patch("db", image_patch("db", "db:v2")).await?;
+    gray.wait_status("db", "the first batch under way", |s| {
+        s["rollout"]["members"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty())
+    })
+    .await?;
+    gray.operators[0].kill().await;
+    gray.spawn_operator("b")?;
+    gray.wait_status("db", "the rollout to complete after the restart", |s| {
+        phase(s) == "Completed" && ready_count(s) == 6 && s["updatedReplicas"] == 6
+    })
+    .await?;
+    let pods = gray.pods("db").await?;
+    assert!(
+        pods.values().all(|p| restarts(p) == 1),
+        "no instance restarted twice: {:?}",
+        pods.values().map(restarts).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_replicas_only_the_leader_acts() -> Result<()> {
+    let mut gray = Gray::start("gray-ha").await?;
+    gray.spawn_operator("b")?;
+    gray.create("ha", 3, "ha:v1", json!({"maxUnavailable": 1}))
+        .await?;
+    gray.wait_status("ha", "3 Ready", |s| ready_count(s) == 3)
+        .await?;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = gray.env.api();
+    let holder = leases
+        .get(gray.env.namespace())
+        .await?
+        .spec
+        .and_then(|s| s.holder_identity)
+        .context("a leader")?;
+    let events: Api<k8s_openapi::api::events::v1::Event> = gray.env.api();
+    let reporters: BTreeSet<String> = events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("gantry-gray-upgrade"))
+        .filter_map(|e| e.reporting_instance)
+        .collect();
+    if reporters != BTreeSet::from([holder.clone()]) {
+        bail!("events came from {reporters:?}, but only the leader {holder} may act");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_plan_is_rejected_at_admission_and_harms_nothing() -> Result<()> {
+    let gray = Gray::start("gray-reject").await?;
+    gray.create("ok", 3, "ok:v1", json!({"maxUnavailable": 1}))
+        .await?;
+    gray.wait_status("ok", "3 Ready", |s| ready_count(s) == 3)
+        .await?;
+    let before = identities(&gray.pods("ok").await?);
+    let bad = json!({"spec": {"template": template("ok", "ok:v2", None), "update": {"maxUnavailable": 0, "batches": [{"instances": [1, 9]}]}}});
+    let err = gray
+        .patch("ok", bad)
+        .await
+        .expect_err("admission rejects the plan");
+    let text = format!("{err:#}");
+    assert!(text.contains("maxUnavailable must be at least 1"), "{text}");
+    assert!(
+        text.contains("a batch names an instance ordinal this app does not have"),
+        "{text}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pods = gray.pods("ok").await?;
+    assert_eq!(identities(&pods), before);
+    assert!(
+        pods.values()
+            .all(|p| image_of(p) == "ok:v1" && restarts(p) == 0)
+    );
+    Ok(())
+}

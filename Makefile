@@ -67,8 +67,16 @@ charts: tools ## Lint, render and check every chart with Helm 3 and Helm 4.
 check: fmt-check clippy crds-check charts ## Static checks: format, lint, generated files, charts.
 
 .PHONY: test
-test: check unit ## Everything: static checks, unit tests and the end-to-end tests.
+test: check unit test-e2e ## Everything: static checks, unit tests and the end-to-end tests.
 	@echo "make test: all checks passed"
+
+.PHONY: demo
+demo: tools k8s-bins ## A local cluster with the gray-upgrade operator, upgrading 25 instances batch by batch.
+	@GANTRY_CACHE=$(GANTRY_CACHE) CARGO=$(CARGO) e2e/demo.sh
+
+# ---- local clusters and end-to-end tests -----------------------------------------------------
+
+include e2e/e2e.mk
 
 # ---- images ----------------------------------------------------------------------------------
 

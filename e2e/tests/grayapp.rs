@@ -520,6 +520,41 @@ async fn reverting_the_template_while_an_instance_is_mid_update_converges() -> R
 }
 
 #[tokio::test]
+async fn a_failed_batch_is_rolled_back_in_place() -> Result<()> {
+    let gray = Gray::start("gray-fail").await?;
+    let update = json!({"maxUnavailable": 2, "promotion": "Auto", "batches": [{"instances": [1, 2]}, {}],
+        "health": {"progressDeadlineSeconds": 8}});
+    gray.create("pay", 5, "pay:v1", update).await?;
+    gray.wait_status("pay", "5 Ready", |s| ready_count(s) == 5)
+        .await?;
+    let before = identities(&gray.pods("pay").await?);
+    gray.patch("pay", image_patch("pay", "pay:v2-never-ready"))
+        .await?;
+    let status = gray
+        .wait_status("pay", "the failed batch to be rolled back", |s| {
+            phase(s) == "Failed" && ready_count(s) == 5
+        })
+        .await?;
+    assert_eq!(condition(&status, "Stalled").as_deref(), Some("True"));
+    assert_eq!(condition(&status, "Degraded").as_deref(), Some("True"));
+    assert_eq!(condition(&status, "Ready").as_deref(), Some("False"));
+    let pods = gray.pods("pay").await?;
+    assert!(
+        pods.values().all(|p| image_of(p) == "pay:v1"),
+        "everyone back on v1"
+    );
+    assert_eq!(identities(&pods), before, "rolled back in place");
+    for untouched in ["pay-0", "pay-3", "pay-4"] {
+        assert_eq!(
+            restarts(&pods[untouched]),
+            0,
+            "{untouched} was outside the failed batch"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_change_that_cannot_happen_in_place_recreates_under_the_same_name() -> Result<()> {
     let gray = Gray::start("gray-recreate").await?;
     gray.create("job", 3, "job:v1", json!({"maxUnavailable": 1}))

@@ -89,6 +89,16 @@ impl NodePool {
     }
 }
 
+/// Requests by ServiceAccounts, at Metadata level, once each (when complete).
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived, ResponseStarted]
+rules:
+- level: Metadata
+  userGroups: [\"system:serviceaccounts\"]
+- level: None
+";
+
 /// What to start.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClusterSpec {
@@ -99,6 +109,10 @@ pub struct ClusterSpec {
     /// (`urlPrefix`, `filterVerb`, `managedResources`, ...). Extenders must listen on loopback.
     #[serde(default)]
     pub scheduler_extenders: Vec<serde_json::Value>,
+    /// Write an audit log of every request made by a ServiceAccount to `logs/audit.log`
+    /// (Metadata level): how benchmarks count an operator's API requests.
+    #[serde(default)]
+    pub audit_log: bool,
 }
 
 impl ClusterSpec {
@@ -108,6 +122,7 @@ impl ClusterSpec {
             name: name.to_owned(),
             node_pools: vec![NodePool::new("kwok-node", 3)],
             scheduler_extenders: Vec::new(),
+            audit_log: false,
         }
     }
 
@@ -599,6 +614,17 @@ async fn start(
         "--profiling=false".to_owned(),
         "--v=1".to_owned(),
     ];
+    let mut apiserver_args = apiserver_args;
+    if spec.audit_log {
+        let policy = layout.dir.join("audit-policy.yaml");
+        std::fs::write(&policy, AUDIT_POLICY)?;
+        apiserver_args.push(format!("--audit-policy-file={}", policy.display()));
+        apiserver_args.push(format!(
+            "--audit-log-path={}",
+            layout.dir.join("logs/audit.log").display()
+        ));
+        apiserver_args.push("--audit-log-format=json".to_owned());
+    }
     layout.spawn(
         "kube-apiserver",
         &bins.program("kube-apiserver"),
@@ -932,6 +958,7 @@ mod tests {
                 NodePool::new("b", 2).with_label("zone", "z1"),
             ],
             scheduler_extenders: Vec::new(),
+            audit_log: false,
         };
         let nodes = node_objects(&spec)?;
         assert_eq!(nodes.len(), 302);

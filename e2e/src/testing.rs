@@ -48,6 +48,7 @@ pub fn test_cluster_spec() -> ClusterSpec {
                 .with_capacity(TEST_GPU_RESOURCE, "20"),
         ],
         scheduler_extenders: Vec::new(),
+        audit_log: false,
     }
 }
 

@@ -71,6 +71,7 @@ async fn scheduler_consults_the_configured_extender() -> Result<()> {
             "nodeCacheCapable": true,
             "httpTimeout": "5s",
         })],
+        audit_log: false,
     };
     let _down = Down("e2e-extender");
     let cluster = Cluster::up(&spec).await?;

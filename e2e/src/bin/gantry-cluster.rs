@@ -118,6 +118,7 @@ async fn main() -> Result<()> {
                 name,
                 node_pools: vec![pool],
                 scheduler_extenders,
+                audit_log: false,
             };
             let started = Instant::now();
             let cluster = Cluster::up(&spec).await?;
@@ -194,6 +195,7 @@ async fn bench(nodes: u32, pods: u32, keep: bool) -> Result<()> {
         name: "bench".to_owned(),
         node_pools: vec![NodePool::new("kwok-node", nodes)],
         scheduler_extenders: Vec::new(),
+        audit_log: false,
     };
     let started = Instant::now();
     let cluster = Cluster::up(&spec).await?;

@@ -1,0 +1,432 @@
+//! `gray-bench`: the gray-upgrade operator on a local cluster of kwok nodes, measured.
+//!
+//! Creates a GrayApp of N instances, upgrades every one in place in B batches with automatic
+//! promotion, and reports the wall time, the time the operator spent reconciling versus
+//! waiting on pods, the API requests it made per instance (from the API server's audit log,
+//! by the operator's ServiceAccount), and its peak memory and CPU. With `--scale M`, it then
+//! grows the app to M instances and reports the operator's resident memory there.
+//!
+//!   cargo run -p gantry-e2e --bin gray-bench -- --instances 1000 --nodes 100 --batches 5
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Parser;
+use gantry_e2e::cluster::{Cluster, ClusterSpec, NodePool};
+use gantry_e2e::operator::{OperatorProcess, identity_from_chart};
+use gantry_e2e::testing::{TestNamespace, install_crds};
+use kube::Api;
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 1000)]
+    instances: u32,
+    #[arg(long, default_value_t = 100)]
+    nodes: u32,
+    #[arg(long, default_value_t = 5)]
+    batches: u32,
+    /// Then grow the app to this many instances and report the operator's memory there.
+    #[arg(long)]
+    scale: Option<u32>,
+    /// The operator binary (default: built with cargo).
+    #[arg(long, env = "GANTRY_GRAY_UPGRADE_BIN")]
+    operator: Option<PathBuf>,
+    /// Leave the cluster running afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn grayapps(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
+    let resource = ApiResource {
+        group: "apps.gantry.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "apps.gantry.dev/v1alpha1".into(),
+        kind: "GrayApp".into(),
+        plural: "grayapps".into(),
+    };
+    Api::namespaced_with(client.clone(), ns, &resource)
+}
+
+/// The operator process's CPU seconds (user + system) and peak resident memory (KiB).
+fn process_usage(pid: u32) -> Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the name.
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let hz = 100.0; // USER_HZ on Linux
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((ticks as f64 / hz, hwm))
+}
+
+fn resident_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS"))
+}
+
+/// `gantry_reconcile_duration_seconds_sum` from the operator's metrics.
+async fn reconcile_seconds(metrics: &str) -> Result<f64> {
+    let (code, body) = gray_get(metrics, "/metrics").await?;
+    if code != 200 {
+        bail!("metrics answered {code}");
+    }
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("gantry_reconcile_duration_seconds_sum"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum())
+}
+
+async fn gray_get(authority: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(authority).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((
+        code,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
+}
+
+/// Requests in the audit log by `user`, counted by "verb resource[/subresource]", from byte
+/// `from` on.
+fn audit_counts(log: &Path, user: &str, from: u64) -> Result<(BTreeMap<String, u64>, u64)> {
+    let bytes = std::fs::read(log).with_context(|| format!("reading {}", log.display()))?;
+    let start = usize::try_from(from).unwrap_or(0).min(bytes.len());
+    let mut counts = BTreeMap::new();
+    for line in String::from_utf8_lossy(&bytes[start..]).lines() {
+        let Ok(entry) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if entry["user"]["username"] != user {
+            continue;
+        }
+        let object = &entry["objectRef"];
+        let resource = match object["subresource"].as_str() {
+            Some(sub) => format!("{}/{sub}", object["resource"].as_str().unwrap_or("?")),
+            None => object["resource"].as_str().unwrap_or("?").to_string(),
+        };
+        *counts
+            .entry(format!(
+                "{} {resource}",
+                entry["verb"].as_str().unwrap_or("?")
+            ))
+            .or_insert(0) += 1;
+    }
+    Ok((counts, bytes.len() as u64))
+}
+
+async fn wait_status(
+    api: &Api<DynamicObject>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        let app = api.get(name).await?;
+        let status = app.data["status"].clone();
+        if status["observedGeneration"].as_i64() == app.metadata.generation && cond(&status) {
+            return Ok(status);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out waiting for {what}; status: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn template(image: &str) -> Value {
+    json!({"metadata": {"labels": {"app": "bench"}}, "spec": {"containers": [{"name": "app", "image": image}]}})
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn build_operator() -> Result<PathBuf> {
+    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(repo())
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "gantry-gray-upgrade",
+            "--bin",
+            "gantry-gray-upgrade",
+            "--message-format=json",
+        ])
+        .output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .find(|p| p.ends_with("gantry-gray-upgrade"))
+        .ok_or_else(|| {
+            anyhow!(
+                "could not build the operator: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let binary = match args.operator.clone() {
+        Some(b) => b,
+        None => build_operator()?,
+    };
+    let capacity = args.scale.unwrap_or(args.instances).max(args.instances);
+    let pods_per_node = capacity.div_ceil(args.nodes) + 10;
+    let spec = ClusterSpec {
+        name: "gray-bench".into(),
+        node_pools: vec![
+            NodePool::new("kwok-node", args.nodes)
+                .with_capacity("pods", &pods_per_node.to_string()),
+        ],
+        scheduler_extenders: Vec::new(),
+        audit_log: true,
+    };
+    eprintln!(
+        "starting cluster gray-bench: {} nodes, {pods_per_node} pods each",
+        args.nodes
+    );
+    let cluster = Cluster::up(&spec).await?;
+    let result = run(&args, &cluster, &binary).await;
+    if !args.keep {
+        Cluster::down("gray-bench")?;
+    }
+    result
+}
+
+async fn run(args: &Args, cluster: &Cluster, binary: &Path) -> Result<()> {
+    let client = cluster.client().await?;
+    let ns = TestNamespace::create(cluster, &client, "bench").await?;
+    let namespace = ns.name.clone();
+    install_crds(&client, &repo().join("crds")).await?;
+    let identity = identity_from_chart(
+        cluster,
+        &client,
+        &repo().join("charts/gray-upgrade"),
+        &namespace,
+        &namespace,
+        &[
+            ("watchNamespace", namespace.as_str()),
+            ("fullnameOverride", namespace.as_str()),
+            ("replicas", "1"),
+        ],
+        None,
+    )
+    .await?;
+    let user = format!(
+        "system:serviceaccount:{namespace}:{}",
+        identity.service_account
+    );
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    let operator = OperatorProcess::spawn(
+        cluster,
+        &format!("{namespace}-bench"),
+        binary,
+        &[
+            "run".into(),
+            format!("--metrics-addr={metrics}"),
+            format!("--health-addr=127.0.0.1:{}", free_port()?),
+            format!("--namespace={namespace}"),
+            "--log-level=warn".into(),
+        ],
+        &identity.kubeconfig,
+        &[],
+    )?;
+    let apps = grayapps(&client, &namespace);
+    let n = args.instances;
+    let per_batch = n / args.batches;
+    let batches: Vec<Value> = (0..args.batches)
+        .map(|i| {
+            if i + 1 == args.batches {
+                json!({})
+            } else {
+                json!({"count": per_batch})
+            }
+        })
+        .collect();
+    let app = json!({
+        "apiVersion": "apps.gantry.dev/v1alpha1", "kind": "GrayApp",
+        "metadata": {"name": "bench", "namespace": namespace},
+        "spec": {"replicas": n, "selector": {"matchLabels": {"app": "bench"}}, "template": template("app:v1"),
+                 "update": {"maxUnavailable": "10%", "promotion": "Auto", "batches": batches}}
+    });
+    let created = Instant::now();
+    apps.create(&PostParams::default(), &serde_json::from_value(app)?)
+        .await?;
+    let timeout = Duration::from_secs(u64::from(n) + 600);
+    wait_status(&apps, "bench", "all instances Ready", timeout, |s| {
+        s["readyReplicas"].as_u64() == Some(u64::from(n))
+    })
+    .await?;
+    let create_seconds = created.elapsed().as_secs_f64();
+
+    let audit = cluster.state_dir.join("logs/audit.log");
+    let (_, audit_offset) = audit_counts(&audit, &user, 0)?;
+    let (cpu_before, _) = process_usage(operator.pid())?;
+    let reconcile_before = reconcile_seconds(&metrics).await?;
+    let started = Instant::now();
+    apps.patch(
+        "bench",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"template": template("app:v2")}})),
+    )
+    .await?;
+    wait_status(&apps, "bench", "the rollout", timeout, |s| {
+        s["rollout"]["phase"] == "Completed"
+            && s["updatedReplicas"].as_u64() == Some(u64::from(n))
+            && s["readyReplicas"].as_u64() == Some(u64::from(n))
+    })
+    .await?;
+    let rollout_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await; // let the audit log catch up
+    let reconcile_seconds_spent = reconcile_seconds(&metrics).await? - reconcile_before;
+    let (cpu_after, peak_kib) = process_usage(operator.pid())?;
+    let (counts, _) = audit_counts(&audit, &user, audit_offset)?;
+    let writes: u64 = counts
+        .iter()
+        .filter(|(k, _)| {
+            ["create", "patch", "update", "delete"]
+                .iter()
+                .any(|v| k.starts_with(v))
+        })
+        .map(|(_, v)| v)
+        .sum();
+    let pod_writes: u64 = counts
+        .iter()
+        .filter(|(k, _)| k.contains(" pods"))
+        .filter(|(k, _)| !k.starts_with("get") && !k.starts_with("list") && !k.starts_with("watch"))
+        .map(|(_, v)| v)
+        .sum();
+    let event_writes: u64 = counts
+        .iter()
+        .filter(|(k, _)| k.ends_with(" events"))
+        .map(|(_, v)| v)
+        .sum();
+    let reads: u64 = counts
+        .iter()
+        .filter(|(k, _)| k.starts_with("get") || k.starts_with("list") || k.starts_with("watch"))
+        .map(|(_, v)| v)
+        .sum();
+
+    println!("| figure | value |");
+    println!("| --- | --- |");
+    println!(
+        "| instances / nodes / batches | {n} / {} / {} |",
+        args.nodes, args.batches
+    );
+    println!("| creating {n} instances, until all Ready | {create_seconds:.1} s |");
+    println!(
+        "| rollout, wall time (patch → last instance Ready, rollout Completed) | {rollout_seconds:.1} s |"
+    );
+    println!(
+        "| time inside reconciles (sum of reconcile durations) | {reconcile_seconds_spent:.2} s |"
+    );
+    println!(
+        "| operator CPU time during the rollout | {:.2} s |",
+        cpu_after - cpu_before
+    );
+    println!(
+        "| waiting on pods (wall time − reconcile time) | {:.1} s |",
+        rollout_seconds - reconcile_seconds_spent
+    );
+    println!(
+        "| API writes per instance, all (pods, status, events, app status) | {:.2} |",
+        writes as f64 / f64::from(n)
+    );
+    println!(
+        "| API writes per instance to its pod (pods + pods/status) | {:.2} |",
+        pod_writes as f64 / f64::from(n)
+    );
+    println!(
+        "| event writes per instance | {:.2} |",
+        event_writes as f64 / f64::from(n)
+    );
+    println!(
+        "| API reads per instance (get/list/watch) | {:.3} |",
+        reads as f64 / f64::from(n)
+    );
+    println!(
+        "| operator peak resident memory | {:.1} MiB |",
+        peak_kib as f64 / 1024.0
+    );
+    println!();
+    println!("requests during the rollout by the operator ({user}):");
+    for (k, v) in &counts {
+        println!("  {v:>7}  {k}");
+    }
+
+    if let Some(scale) = args.scale {
+        let grown = Instant::now();
+        apps.patch(
+            "bench",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": scale}})),
+        )
+        .await?;
+        let timeout = Duration::from_secs(u64::from(scale) / 5 + 900);
+        wait_status(&apps, "bench", "the scaled app Ready", timeout, |s| {
+            s["readyReplicas"].as_u64() == Some(u64::from(scale))
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let rss = resident_kib(operator.pid())?;
+        let (_, peak) = process_usage(operator.pid())?;
+        println!();
+        println!("| at {scale} instances | value |");
+        println!("| --- | --- |");
+        println!(
+            "| scaling {n} → {scale}, until all Ready | {:.1} s |",
+            grown.elapsed().as_secs_f64()
+        );
+        println!(
+            "| operator resident memory, settled | {:.1} MiB |",
+            rss as f64 / 1024.0
+        );
+        println!(
+            "| operator peak resident memory | {:.1} MiB |",
+            peak as f64 / 1024.0
+        );
+    }
+    drop(operator);
+    Ok(())
+}

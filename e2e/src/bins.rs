@@ -70,3 +70,50 @@ fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// One of the workspace's own binaries: the path in `env_var` when set (how `make test-e2e`
+/// hands over what it built), else built here with cargo (`release` for benchmarks).
+pub fn workspace_binary(
+    env_var: &str,
+    package: &str,
+    binary: &str,
+    release: bool,
+) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var).filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut args = vec![
+        "build",
+        "--quiet",
+        "-p",
+        package,
+        "--bin",
+        binary,
+        "--message-format=json",
+    ];
+    if release {
+        args.push("--release");
+    }
+    let out = std::process::Command::new(cargo)
+        .current_dir(repo_root())
+        .args(&args)
+        .output()?;
+    let built = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .find(|p| p.ends_with(binary));
+    match built {
+        Some(path) => Ok(path),
+        None => bail!(
+            "could not build {binary} (set ${env_var} to a built one): {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}

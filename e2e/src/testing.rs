@@ -588,3 +588,16 @@ pub async fn install_crds(client: &Client, dir: &std::path::Path) -> Result<Vec<
     }
     Ok(names)
 }
+
+/// An API for GrayApps (`apps.gantry.dev/v1alpha1`) as dynamic objects, so that the tests read
+/// the operator's wire format rather than its Rust types.
+pub fn grayapps(client: &Client, namespace: &str) -> Api<kube::api::DynamicObject> {
+    let resource = kube::api::ApiResource {
+        group: "apps.gantry.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "apps.gantry.dev/v1alpha1".into(),
+        kind: "GrayApp".into(),
+        plural: "grayapps".into(),
+    };
+    Api::namespaced_with(client.clone(), namespace, &resource)
+}

@@ -3,14 +3,15 @@
 //! against the real control plane and kwok nodes whose `nvidia.com/gpu` stands in for GPUs.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use futures::StreamExt;
+use gantry_e2e::bins::{repo_root, workspace_binary};
 use gantry_e2e::operator::{OperatorProcess, identity_from_chart};
-use gantry_e2e::testing::{TestEnv, install_crds, wait_for, wait_for_object};
+use gantry_e2e::testing::{TestEnv, grayapps, install_crds, wait_for, wait_for_object};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -22,47 +23,16 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 const GPU: &str = "nvidia.com/gpu";
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    repo_root()
 }
 
-/// The operator binary: `GANTRY_GRAY_UPGRADE_BIN`, else built here.
 fn operator_binary() -> Result<PathBuf> {
-    if let Ok(path) = std::env::var("GANTRY_GRAY_UPGRADE_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    static BUILT: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
-        std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let out = std::process::Command::new(
-                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
-            )
-            .current_dir(repo())
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "gantry-gray-upgrade",
-                "--bin",
-                "gantry-gray-upgrade",
-                "--message-format=json",
-            ])
-            .output()
-            .map_err(|e| e.to_string())?;
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
-                .find(|p| p.ends_with("gantry-gray-upgrade"))
-                .ok_or_else(|| {
-                    format!(
-                        "could not build gantry-gray-upgrade: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    )
-                })
-        })
-        .clone()
-        .map_err(|e| anyhow!(e))
+    workspace_binary(
+        "GANTRY_GRAY_UPGRADE_BIN",
+        "gantry-gray-upgrade",
+        "gantry-gray-upgrade",
+        false,
+    )
 }
 
 /// A test namespace with the CRD installed and the operator running in it.
@@ -148,14 +118,7 @@ impl Gray {
     }
 
     fn dynamic(&self) -> Api<kube::api::DynamicObject> {
-        let resource = kube::api::ApiResource {
-            group: "apps.gantry.dev".into(),
-            version: "v1alpha1".into(),
-            api_version: "apps.gantry.dev/v1alpha1".into(),
-            kind: "GrayApp".into(),
-            plural: "grayapps".into(),
-        };
-        Api::namespaced_with(self.env.client.clone(), self.env.namespace(), &resource)
+        grayapps(&self.env.client, self.env.namespace())
     }
 
     async fn patch(&self, name: &str, patch: Value) -> Result<()> {

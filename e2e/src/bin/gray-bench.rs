@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
+use gantry_e2e::bins::{repo_root, workspace_binary};
 use gantry_e2e::cluster::{Cluster, ClusterSpec, NodePool};
 use gantry_e2e::operator::{OperatorProcess, identity_from_chart};
-use gantry_e2e::testing::{TestNamespace, install_crds};
+use gantry_e2e::testing::{TestNamespace, grayapps, install_crds};
 use kube::Api;
-use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -41,18 +42,7 @@ struct Args {
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn grayapps(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
-    let resource = ApiResource {
-        group: "apps.gantry.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "apps.gantry.dev/v1alpha1".into(),
-        kind: "GrayApp".into(),
-        plural: "grayapps".into(),
-    };
-    Api::namespaced_with(client.clone(), ns, &resource)
+    repo_root()
 }
 
 /// The operator process's CPU seconds (user + system) and peak resident memory (KiB).
@@ -177,39 +167,17 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn build_operator() -> Result<PathBuf> {
-    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(repo())
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "gantry-gray-upgrade",
-            "--bin",
-            "gantry-gray-upgrade",
-            "--message-format=json",
-        ])
-        .output()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .find(|p| p.ends_with("gantry-gray-upgrade"))
-        .ok_or_else(|| {
-            anyhow!(
-                "could not build the operator: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let binary = match args.operator.clone() {
         Some(b) => b,
-        None => build_operator()?,
+        None => workspace_binary(
+            "GANTRY_GRAY_UPGRADE_BIN",
+            "gantry-gray-upgrade",
+            "gantry-gray-upgrade",
+            true,
+        )?,
     };
     let capacity = args.scale.unwrap_or(args.instances).max(args.instances);
     let pods_per_node = capacity.div_ceil(args.nodes) + 10;

@@ -44,6 +44,7 @@ demo-cluster: k8s-bins ## Start the demo cluster and print how to use kubectl wi
 .PHONY: test-e2e
 test-e2e: k8s-bins ## End-to-end tests against a local cluster ("e2e"; stopped afterwards unless KEEP_CLUSTER=1).
 	$(if $(HELM3),@$(MAKE) $(HELM3))
+	$(if $(HELM4),@$(MAKE) $(HELM4))
 	@bins=$$(GANTRY_CACHE=$(GANTRY_CACHE) GO=$(GO) $(E2E_BUILD)); \
 	  noop=$$($(CARGO) build --quiet -p gantry-kit --bin gantry-noop --message-format=json \
 	    | sed -n 's/.*"executable":"\([^"]*gantry-noop\)".*/\1/p' | tail -1); \
@@ -52,7 +53,7 @@ test-e2e: k8s-bins ## End-to-end tests against a local cluster ("e2e"; stopped a
 	    | sed -n 's/.*"executable":"\([^"]*gantry-gray-upgrade\)".*/\1/p' | tail -1); \
 	  test -n "$$gray" || { echo "could not build gantry-gray-upgrade"; exit 1; }; \
 	  start=$$(date +%s); status=0; \
-	  GANTRY_K8S_BIN_DIR=$$bins GANTRY_NOOP_BIN=$$noop GANTRY_GRAY_UPGRADE_BIN=$$gray HELM3=$(HELM3) GANTRY_E2E_CLUSTER=e2e \
+	  GANTRY_K8S_BIN_DIR=$$bins GANTRY_NOOP_BIN=$$noop GANTRY_GRAY_UPGRADE_BIN=$$gray HELM3=$(HELM3) HELM4=$(HELM4) GANTRY_E2E_CLUSTER=e2e \
 	    $(CARGO) test --no-fail-fast -p gantry-e2e $(E2E_TEST_ARGS) || status=$$?; \
 	  echo "test-e2e: $$(( $$(date +%s) - start )) s"; \
 	  if [ -z "$(KEEP_CLUSTER)" ]; then $(E2E_CLUSTER_CLI) down --name e2e; fi; \

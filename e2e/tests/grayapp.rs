@@ -518,6 +518,55 @@ async fn a_failed_batch_is_rolled_back_in_place() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_tag_moved_to_the_same_digest_still_completes() -> Result<()> {
+    // The new tag names the same image: the runtime reports the same imageID before and after,
+    // but the container is restarted. Completion must not wait for a new imageID.
+    let digest = "sha256:4a1f0c57d6b9e3f2a8c7d6e5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281";
+    let gray = Gray::start("gray-digest").await?;
+    gray.create(
+        "tag",
+        3,
+        &format!("tag:v1@{digest}"),
+        json!({"maxUnavailable": 1}),
+    )
+    .await?;
+    gray.wait_status("tag", "3 Ready", |s| ready_count(s) == 3)
+        .await?;
+    let image_id = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .map(|c| c[0].image_id.clone())
+            .unwrap_or_default()
+    };
+    let before: BTreeMap<String, String> = gray
+        .pods("tag")
+        .await?
+        .iter()
+        .map(|(n, p)| (n.clone(), image_id(p)))
+        .collect();
+    gray.patch(
+        "tag",
+        image_patch("tag", &format!("tag:v1-hotfix@{digest}")),
+    )
+    .await?;
+    gray.wait_status("tag", "the retag to complete", |s| {
+        phase(s) == "Completed" && ready_count(s) == 3 && s["updatedReplicas"] == 3
+    })
+    .await?;
+    let pods = gray.pods("tag").await?;
+    for (name, pod) in &pods {
+        assert_eq!(
+            image_id(pod),
+            before[name],
+            "{name}: same digest, same imageID"
+        );
+        assert_eq!(restarts(pod), 1, "{name} restarted once");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_change_that_cannot_happen_in_place_recreates_under_the_same_name() -> Result<()> {
     let gray = Gray::start("gray-recreate").await?;
     gray.create("job", 3, "job:v1", json!({"maxUnavailable": 1}))

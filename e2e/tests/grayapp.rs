@@ -567,6 +567,106 @@ async fn a_tag_moved_to_the_same_digest_still_completes() -> Result<()> {
 }
 
 #[tokio::test]
+async fn instances_keep_their_volume_claims_through_upgrades_and_scale_down() -> Result<()> {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let gray = Gray::start("gray-pvc").await?;
+    let ns = gray.env.namespace().to_string();
+    // Volumes for the claims to bind, one per instance (kwok mounts nothing).
+    let volumes: Api<PersistentVolume> = Api::all(gray.env.client.clone());
+    for i in 0..3 {
+        let pv = json!({
+            "metadata": {"name": format!("{ns}-{i}")},
+            "spec": {
+                "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "manual", "persistentVolumeReclaimPolicy": "Delete",
+                "hostPath": {"path": format!("/tmp/{ns}-{i}")},
+                "claimRef": {"namespace": ns, "name": format!("data-vol-{i}")}
+            }
+        });
+        volumes
+            .create(&PostParams::default(), &serde_json::from_value(pv)?)
+            .await?;
+    }
+    let object = json!({
+        "apiVersion": "apps.gantry.dev/v1alpha1", "kind": "GrayApp",
+        "metadata": {"name": "vol", "namespace": ns},
+        "spec": {
+            "replicas": 3, "selector": {"matchLabels": {"app": "vol"}},
+            "template": template("vol", "vol:v1", None),
+            "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {
+                "accessModes": ["ReadWriteOnce"], "storageClassName": "manual",
+                "resources": {"requests": {"storage": "1Gi"}}}}],
+            "update": {"maxUnavailable": 1}
+        }
+    });
+    gray.dynamic()
+        .create(&PostParams::default(), &serde_json::from_value(object)?)
+        .await?;
+    gray.wait_status("vol", "3 Ready with bound claims", |s| ready_count(s) == 3)
+        .await?;
+    let claims: Api<PersistentVolumeClaim> = gray.env.api();
+    let uid_of = |c: &PersistentVolumeClaim| c.metadata.uid.clone().unwrap_or_default();
+    let before: BTreeMap<String, String> = claims
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .map(|c| (c.name_any(), uid_of(c)))
+        .collect();
+    assert_eq!(
+        before.keys().cloned().collect::<Vec<_>>(),
+        vec!["data-vol-0", "data-vol-1", "data-vol-2"]
+    );
+    let mounts = |p: &Pod| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.volumes.as_ref())
+            .and_then(|v| {
+                v.iter().find_map(|v| {
+                    v.persistent_volume_claim
+                        .as_ref()
+                        .map(|c| c.claim_name.clone())
+                })
+            })
+    };
+    gray.patch("vol", image_patch("vol", "vol:v2")).await?;
+    gray.wait_status("vol", "the upgrade", |s| {
+        phase(s) == "Completed" && s["updatedReplicas"] == 3 && ready_count(s) == 3
+    })
+    .await?;
+    for (name, pod) in gray.pods("vol").await? {
+        let ordinal = name.trim_start_matches("vol-");
+        assert_eq!(
+            mounts(&pod),
+            Some(format!("data-vol-{ordinal}")),
+            "{name} mounts its own claim"
+        );
+    }
+    gray.patch("vol", json!({"spec": {"replicas": 2}})).await?;
+    gray.wait_status("vol", "scale-down", |s| {
+        s["replicas"] == 2 && ready_count(s) == 2
+    })
+    .await?;
+    let after: BTreeMap<String, String> = claims
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .map(|c| (c.name_any(), uid_of(c)))
+        .collect();
+    assert_eq!(
+        after, before,
+        "the same claims, including the removed instance's"
+    );
+    for i in 0..3 {
+        let _ = volumes
+            .delete(&format!("{ns}-{i}"), &Default::default())
+            .await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_change_that_cannot_happen_in_place_recreates_under_the_same_name() -> Result<()> {
     let gray = Gray::start("gray-recreate").await?;
     gray.create("job", 3, "job:v1", json!({"maxUnavailable": 1}))

@@ -219,7 +219,9 @@ mod tests {
         let pids = PidDir::new(dir.join("pids"));
         let marker = dir.to_string_lossy().into_owned();
         let mut ours = Command::new("sh");
-        ours.args(["-c", &format!("sleep 60 # {marker}")]);
+        // A second command keeps the shell from exec'ing sleep, which would drop the marker
+        // from the command line.
+        ours.args(["-c", &format!("sleep 60; exit 0 # {marker}")]);
         std::fs::create_dir_all(&dir)?;
         let ours = spawn_group(&mut ours, &dir.join("ours.log"))?;
         let mut other = Command::new("sleep");

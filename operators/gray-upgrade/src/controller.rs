@@ -18,7 +18,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
@@ -280,12 +279,17 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
     let pending: Vec<_> = plan
         .actions
         .iter()
-        .map(|a| execute(&app, &namespace, a, &revisions, &pods, &ctx, now_s, &now_t))
+        .map(|a| async {
+            let result = execute(&app, &namespace, a, &revisions, &pods, &ctx, now_s, &now_t).await;
+            (a.ordinal(), result)
+        })
         .collect();
-    let results: Vec<Result<(), Error>> = futures::stream::iter(pending)
-        .buffer_unordered(32)
-        .collect()
-        .await;
+    let results: Vec<(Ordinal, Result<Option<&'static str>, Error>)> =
+        futures::stream::iter(pending)
+            .buffer_unordered(32)
+            .collect()
+            .await;
+    record_steps(&app, &ctx, &name, &results).await;
 
     for note in &plan.notes {
         let regarding = app.object_ref(&());
@@ -322,7 +326,9 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
     record_revision_metrics(&ctx.metrics, &namespace, &name, &previous, &status);
     collect_garbage(&app, &revision_api, &stored, &wanted, &pods).await;
 
-    results.into_iter().collect::<Result<Vec<()>, Error>>()?;
+    for (_, result) in results {
+        result?;
+    }
     Ok(requeue(&plan))
 }
 
@@ -494,17 +500,16 @@ async fn execute(
     ctx: &Context,
     now_s: i64,
     now_t: &Time,
-) -> Result<(), Error> {
+) -> Result<Option<&'static str>, Error> {
     let client = ctx.runtime.client().clone();
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let name = app.name_any();
     let events = ctx.runtime.events();
-    let app_ref = app.object_ref(&());
     let stamp = now_t.0.to_string();
     let (reason, note, uid) = match action {
         Action::Create { ordinal, revision } => {
             let Some(rev) = revisions.get(revision) else {
-                return Ok(());
+                return Ok(None);
             };
             let claim_api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
             for claim in objects::instance_claims(app, *ordinal) {
@@ -517,7 +522,7 @@ async fn execute(
             };
             let created = match pod_api.create(&params, &pod).await {
                 Ok(p) => p.uid(),
-                Err(kube::Error::Api(s)) if s.is_already_exists() => return Ok(()),
+                Err(kube::Error::Api(s)) if s.is_already_exists() => return Ok(None),
                 Err(err) => return Err(err.into()),
             };
             (
@@ -546,7 +551,7 @@ async fn execute(
                 .await
             {
                 Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => return Ok(()),
+                Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => return Ok(None),
                 Err(err) => return Err(err.into()),
             }
             let (reason, why) = match reason {
@@ -650,18 +655,57 @@ async fn execute(
         }
     };
     let pod_ref = objects::pod_reference(app, action.ordinal(), &uid);
-    events
-        .related(
-            EventType::Normal,
-            &app_ref,
-            &pod_ref,
-            reason,
-            "Upgrade",
-            note.clone(),
-        )
-        .await;
     events.normal(&pod_ref, reason, "Upgrade", note).await;
-    Ok(())
+    Ok(Some(reason))
+}
+
+/// One event on the app per kind of step this reconcile took, naming the instances (each pod
+/// has its own event too): at a thousand instances, one per instance on the app as well would
+/// double the event traffic.
+async fn record_steps(
+    app: &GrayApp,
+    ctx: &Context,
+    name: &str,
+    results: &[(Ordinal, Result<Option<&'static str>, Error>)],
+) {
+    let mut by_reason: BTreeMap<&'static str, Vec<Ordinal>> = BTreeMap::new();
+    for (ordinal, result) in results {
+        if let Ok(Some(reason)) = result {
+            by_reason.entry(reason).or_default().push(*ordinal);
+        }
+    }
+    for (reason, mut ordinals) in by_reason {
+        ordinals.sort_unstable();
+        const LISTED: usize = 20;
+        let mut names: Vec<String> = ordinals
+            .iter()
+            .take(LISTED)
+            .map(|o| objects::pod_name(name, *o))
+            .collect();
+        if ordinals.len() > LISTED {
+            names.push(format!("and {} more", ordinals.len() - LISTED));
+        }
+        let note = format!("{}: {}", step_phrase(reason), names.join(", "));
+        ctx.runtime
+            .events()
+            .normal(&app.object_ref(&()), reason, "Upgrade", note)
+            .await;
+    }
+}
+
+fn step_phrase(reason: &str) -> &'static str {
+    match reason {
+        "InstanceCreated" => "created",
+        "InstanceRemoved" => "removed (scaled down)",
+        "InstanceRecreating" => {
+            "recreating under the same names (the change cannot happen in place)"
+        }
+        "InstanceReplaced" => "replaced terminated pods",
+        "InstanceOutOfService" => "taken out of service for their update",
+        "InstanceUpdating" => "updating in place",
+        "InstanceInService" => "back in service",
+        _ => "changed",
+    }
 }
 
 fn ignore_exists<T>(result: Result<T, kube::Error>) -> Result<(), Error> {

@@ -202,6 +202,32 @@ fn label_selector_matches(
     labels_match && expressions_match
 }
 
+/// Lookups the instance loop makes for every instance, built once per plan.
+struct Sets {
+    desired: BTreeSet<Ordinal>,
+    members: BTreeSet<Ordinal>,
+    /// Where each instance this rollout moved came from.
+    origins: BTreeMap<Ordinal, String>,
+}
+
+impl Sets {
+    fn new(desired: &[Ordinal], rollout: &RolloutStatus) -> Self {
+        Self {
+            desired: desired.iter().copied().collect(),
+            members: rollout.members.iter().copied().collect(),
+            origins: rollout
+                .origins
+                .iter()
+                .flat_map(|(revision, ranges)| {
+                    parse_ranges(ranges)
+                        .into_iter()
+                        .map(move |o| (o, revision.clone()))
+                })
+                .collect(),
+        }
+    }
+}
+
 struct Planner<'a> {
     input: &'a Input<'a>,
     desired: Vec<Ordinal>,
@@ -237,18 +263,11 @@ impl<'a> Planner<'a> {
             .unwrap_or_else(|| input.update_revision.to_string())
     }
 
-    fn origin_of(rollout: &RolloutStatus, ordinal: Ordinal) -> Option<String> {
-        rollout
-            .origins
-            .iter()
-            .find(|(_, ranges)| parse_ranges(ranges).contains(&ordinal))
-            .map(|(rev, _)| rev.clone())
-    }
-
     /// Where an instance should be.
     fn target(
         &self,
         rollout: &RolloutStatus,
+        sets: &Sets,
         failed: &BTreeSet<Ordinal>,
         ordinal: Ordinal,
     ) -> String {
@@ -266,9 +285,9 @@ impl<'a> Planner<'a> {
             || (batch_goes_on && failed.contains(&ordinal));
         if returning {
             if running == rollout.revision
-                && let Some(origin) = Self::origin_of(rollout, ordinal)
+                && let Some(origin) = sets.origins.get(&ordinal)
             {
-                return origin;
+                return origin.clone();
             }
             return running;
         }
@@ -276,7 +295,7 @@ impl<'a> Planner<'a> {
             rollout.phase,
             RolloutPhase::Progressing | RolloutPhase::Baking | RolloutPhase::AwaitingApproval
         );
-        if moving && rollout.batch_started_at.is_some() && rollout.members.contains(&ordinal) {
+        if moving && rollout.batch_started_at.is_some() && sets.members.contains(&ordinal) {
             return rollout.revision.clone();
         }
         running
@@ -629,10 +648,11 @@ pub fn plan(input: &Input) -> Plan {
         .iter()
         .filter(|o| !input.pods.get(o).is_some_and(PodView::available))
         .count();
+    let sets = Sets::new(&planner.desired, &rollout);
     let mut actions = Vec::new();
     let mut held_back = 0;
     for (ordinal, pod) in input.pods {
-        if !planner.desired.contains(ordinal) && !pod.deleting {
+        if !sets.desired.contains(ordinal) && !pod.deleting {
             actions.push(Action::Delete {
                 ordinal: *ordinal,
                 uid: pod.uid.clone(),
@@ -644,17 +664,17 @@ pub fn plan(input: &Input) -> Plan {
         .members
         .iter()
         .copied()
-        .filter(|o| planner.desired.contains(o))
+        .filter(|o| sets.desired.contains(o))
         .collect();
     order.extend(
         planner
             .desired
             .iter()
             .copied()
-            .filter(|o| !rollout.members.contains(o)),
+            .filter(|o| !sets.members.contains(o)),
     );
     for ordinal in order {
-        let target = planner.target(&rollout, &failed, ordinal);
+        let target = planner.target(&rollout, &sets, &failed, ordinal);
         let Some(pod) = input.pods.get(&ordinal) else {
             actions.push(Action::Create {
                 ordinal,
@@ -779,9 +799,7 @@ pub fn plan(input: &Input) -> Plan {
 
     // Batch progress.
     rollout.failed = failed.iter().copied().collect();
-    let batch_busy = actions
-        .iter()
-        .any(|a| rollout.members.contains(&a.ordinal()));
+    let batch_busy = actions.iter().any(|a| sets.members.contains(&a.ordinal()));
     if in_batch
         && matches!(
             rollout.phase,

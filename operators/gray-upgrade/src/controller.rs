@@ -85,9 +85,18 @@ pub async fn run(runtime: Runtime) {
     };
     let owned = watcher::Config::default().labels(LABEL_APP);
     let (pods, pod_writer) = reflector::store();
-    let pod_events = reflector::reflector(pod_writer, watcher(runtime.api::<Pod>(), owned.clone()))
-        .default_backoff()
-        .touched_objects();
+    // The cache holds every instance's pod: drop what the operator never reads (server-side
+    // apply bookkeeping, kubectl's last-applied copy) before it is stored.
+    let pod_events = reflector::reflector(
+        pod_writer,
+        watcher(runtime.api::<Pod>(), owned.clone()).modify(|pod| {
+            pod.managed_fields_mut().clear();
+            pod.annotations_mut()
+                .remove("kubectl.kubernetes.io/last-applied-configuration");
+        }),
+    )
+    .default_backoff()
+    .touched_objects();
     let (revisions, revision_writer) = reflector::store();
     let revision_events = reflector::reflector(
         revision_writer,

@@ -205,6 +205,11 @@ mod tests {
             .env("GANTRY_TEST_MARKER", "yes");
         let pid = spawn_group(&mut cmd, &dir.join("log"))?;
         assert!(alive(pid));
+        // Right after the spawn, /proc may still show the environment from before the exec.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !environ_contains(pid, "GANTRY_TEST_MARKER=yes") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(environ_contains(pid, "GANTRY_TEST_MARKER=yes"));
         assert!(!environ_contains(pid, "GANTRY_TEST_MARKER=no"));
         stop_group(pid, Duration::from_secs(5));

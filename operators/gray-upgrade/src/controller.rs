@@ -31,7 +31,7 @@ use crate::model::{Ordinal, PodView};
 use crate::objects;
 use crate::observe::pod_view;
 use crate::plan::{self, Action, DeleteReason, Input, Plan};
-use crate::revision::{Revision, with_images};
+use crate::revision::{Revision, Wanted};
 use crate::status::{self, StatusInput};
 
 /// Why a reconcile failed.
@@ -123,43 +123,8 @@ fn now() -> (i64, Time) {
     (ts.as_second(), Time(ts))
 }
 
-/// The revisions the spec asks for: the template's, and one per variant.
-struct Wanted {
-    update: Revision,
-    /// Ordinal → revision name, for variant instances.
-    variant_of: BTreeMap<Ordinal, String>,
-    /// Revision name → variant name.
-    variant_names: BTreeMap<String, String>,
-    all: Vec<Revision>,
-}
-
 fn wanted_revisions(app: &GrayApp) -> Result<Wanted, Error> {
-    let name = app.name_any();
-    let update = Revision::new(&name, app.spec.template.clone());
-    let containers: BTreeSet<String> = update.images().into_keys().collect();
-    let mut wanted = Wanted {
-        update: update.clone(),
-        variant_of: BTreeMap::new(),
-        variant_names: BTreeMap::new(),
-        all: vec![update],
-    };
-    for variant in &app.spec.variants {
-        if let Some(unknown) = variant.images.keys().find(|c| !containers.contains(*c)) {
-            return Err(Error::InvalidSpec(format!(
-                "variant {} sets the image of container {unknown}, which the template does not have",
-                variant.name
-            )));
-        }
-        let revision = Revision::new(&name, with_images(&app.spec.template, &variant.images));
-        for ordinal in &variant.instances {
-            wanted.variant_of.insert(*ordinal, revision.name.clone());
-        }
-        wanted
-            .variant_names
-            .insert(revision.name.clone(), variant.name.clone());
-        wanted.all.push(revision);
-    }
-    Ok(wanted)
+    Wanted::for_spec(&app.name_any(), &app.spec).map_err(Error::InvalidSpec)
 }
 
 fn validate(app: &GrayApp) -> Result<(), Error> {

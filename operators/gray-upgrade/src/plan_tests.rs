@@ -16,7 +16,7 @@ use crate::api::{
 use crate::checks::MetricVerdict;
 use crate::model::{ContainerView, Ordinal, PodView, Seconds, format_ranges};
 use crate::plan::{Action, DeleteReason, Input, Plan, desired_ordinals, max_unavailable, plan};
-use crate::revision::{Revision, with_images};
+use crate::revision::{Revision, Wanted};
 
 fn template(image: &str, env: Option<&str>) -> PodTemplateSpec {
     PodTemplateSpec {
@@ -133,22 +133,14 @@ impl World {
         Revision::new("ocr", self.spec.template.clone())
     }
 
-    fn variant_revisions(&mut self) -> BTreeMap<Ordinal, String> {
-        let mut out = BTreeMap::new();
-        for v in self.spec.variants.clone() {
-            let r = Revision::new("ocr", with_images(&self.spec.template, &v.images));
-            for o in &v.instances {
-                out.insert(*o, r.name.clone());
-            }
-            self.revisions.insert(r.name.clone(), r);
-        }
-        out
-    }
-
     fn plan(&mut self) -> Plan {
-        let update = self.update_revision();
-        self.revisions.insert(update.name.clone(), update.clone());
-        let variants = self.variant_revisions();
+        let wanted = Wanted::for_spec("ocr", &self.spec).expect("variants name known containers");
+        for revision in &wanted.all {
+            self.revisions
+                .insert(revision.name.clone(), revision.clone());
+        }
+        let update = wanted.update;
+        let variants = wanted.variant_of;
         let input = Input {
             spec: &self.spec,
             approve: self.approve.as_deref(),

@@ -1,9 +1,12 @@
 //! Revisions: a stable name for each pod template, and whether moving between two of them can
 //! happen in place.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
+
+use crate::api::GrayAppSpec;
+use crate::model::Ordinal;
 
 /// A pod template under its revision name.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,6 +25,49 @@ impl Revision {
 
     pub fn images(&self) -> BTreeMap<String, String> {
         images(&self.template)
+    }
+}
+
+/// The revisions a spec asks for: the template's, and one per variant.
+#[derive(Clone, Debug)]
+pub struct Wanted {
+    pub update: Revision,
+    /// Ordinal → revision name, for variant instances.
+    pub variant_of: BTreeMap<Ordinal, String>,
+    /// Revision name → variant name.
+    pub variant_names: BTreeMap<String, String>,
+    /// The update revision first, then the variants'.
+    pub all: Vec<Revision>,
+}
+
+impl Wanted {
+    /// Fails with a readable reason when a variant names a container the template lacks.
+    pub fn for_spec(app: &str, spec: &GrayAppSpec) -> Result<Self, String> {
+        let update = Revision::new(app, spec.template.clone());
+        let containers: BTreeSet<String> = update.images().into_keys().collect();
+        let mut wanted = Wanted {
+            update: update.clone(),
+            variant_of: BTreeMap::new(),
+            variant_names: BTreeMap::new(),
+            all: vec![update],
+        };
+        for variant in &spec.variants {
+            if let Some(unknown) = variant.images.keys().find(|c| !containers.contains(*c)) {
+                return Err(format!(
+                    "variant {} sets the image of container {unknown}, which the template does not have",
+                    variant.name
+                ));
+            }
+            let revision = Revision::new(app, with_images(&spec.template, &variant.images));
+            for ordinal in &variant.instances {
+                wanted.variant_of.insert(*ordinal, revision.name.clone());
+            }
+            wanted
+                .variant_names
+                .insert(revision.name.clone(), variant.name.clone());
+            wanted.all.push(revision);
+        }
+        Ok(wanted)
     }
 }
 

@@ -12,7 +12,7 @@ use gray_upgrade::api::{
 use gray_upgrade::model::{Ordinal, PodView};
 use gray_upgrade::plan::{Input, preview};
 use gray_upgrade::plugin::{parse_images, parse_instances, status_table, table};
-use gray_upgrade::revision::{Revision, images, with_images};
+use gray_upgrade::revision::{Revision, Wanted, images, with_images};
 use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -283,19 +283,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Verb::Plan { app } => {
             let current = get(app.clone()).await?;
             let pods = pods(&client, &namespace, &app).await?;
-            let update = Revision::new(&app, current.spec.template.clone());
+            let wanted = Wanted::for_spec(&app, &current.spec).map_err(|e| anyhow!(e))?;
+            let update = wanted.update.clone();
             let status = current.status.clone().unwrap_or_default();
             let revisions = BTreeMap::from([(update.name.clone(), update.clone())]);
-            let variants: BTreeMap<Ordinal, String> = current
-                .spec
-                .variants
-                .iter()
-                .flat_map(|v| {
-                    let name =
-                        Revision::new(&app, with_images(&current.spec.template, &v.images)).name;
-                    v.instances.iter().map(move |o| (*o, name.clone()))
-                })
-                .collect();
+            let variants = wanted.variant_of;
             let input = Input {
                 spec: &current.spec,
                 approve: None,

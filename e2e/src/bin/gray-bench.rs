@@ -76,7 +76,7 @@ fn resident_kib(pid: u32) -> Result<u64> {
 
 /// `gantry_reconcile_duration_seconds_sum` from the operator's metrics.
 async fn reconcile_seconds(metrics: &str) -> Result<f64> {
-    let (code, body) = gray_get(metrics, "/metrics").await?;
+    let (code, body) = gantry_e2e::http::get(metrics, "/metrics").await?;
     if code != 200 {
         bail!("metrics answered {code}");
     }
@@ -85,27 +85,6 @@ async fn reconcile_seconds(metrics: &str) -> Result<f64> {
         .filter(|l| l.starts_with("gantry_reconcile_duration_seconds_sum"))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum())
-}
-
-async fn gray_get(authority: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(authority).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((
-        code,
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    ))
 }
 
 /// Requests in the audit log by `user`, counted by "verb resource[/subresource]", from byte

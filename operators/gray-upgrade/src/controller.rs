@@ -480,6 +480,7 @@ async fn execute(
     let name = app.name_any();
     let events = ctx.runtime.events();
     let stamp = now_t.0.to_string();
+    let pod_name = objects::pod_name(&name, action.ordinal());
     let (reason, note, uid) = match action {
         Action::Create { ordinal, revision } => {
             let Some(rev) = revisions.get(revision) else {
@@ -501,18 +502,11 @@ async fn execute(
             };
             (
                 "InstanceCreated",
-                format!(
-                    "created {} at {revision}",
-                    objects::pod_name(&name, *ordinal)
-                ),
+                format!("created {pod_name} at {revision}"),
                 created.unwrap_or_default(),
             )
         }
-        Action::Delete {
-            ordinal,
-            uid,
-            reason,
-        } => {
+        Action::Delete { uid, reason, .. } => {
             let params = DeleteParams {
                 preconditions: Some(Preconditions {
                     uid: Some(uid.clone()),
@@ -520,10 +514,7 @@ async fn execute(
                 }),
                 ..DeleteParams::default()
             };
-            match pod_api
-                .delete(&objects::pod_name(&name, *ordinal), &params)
-                .await
-            {
+            match pod_api.delete(&pod_name, &params).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => return Ok(None),
                 Err(err) => return Err(err.into()),
@@ -542,50 +533,33 @@ async fn execute(
                     "its pod terminated; a new one replaces it",
                 ),
             };
-            (
-                reason,
-                format!("deleted {}: {why}", objects::pod_name(&name, *ordinal)),
-                uid.clone(),
-            )
+            (reason, format!("deleted {pod_name}: {why}"), uid.clone())
         }
-        Action::TakeOutOfService { ordinal, uid } => {
-            let patch = objects::gate_patch(
+        Action::TakeOutOfService { uid, .. } => {
+            let gate = objects::gate_patch(
                 uid,
                 false,
                 "UpdateStarting",
                 "out of service for an update",
                 &stamp,
             );
-            pod_api
-                .patch_status(
-                    &objects::pod_name(&name, *ordinal),
-                    &pod_params(ctx),
-                    &Patch::Strategic(patch),
-                )
-                .await?;
+            set_gate(&pod_api, &pod_name, gate, ctx).await?;
             (
                 "InstanceOutOfService",
-                format!(
-                    "{} taken out of service for its update",
-                    objects::pod_name(&name, *ordinal)
-                ),
+                format!("{pod_name} taken out of service for its update"),
                 uid.clone(),
             )
         }
         Action::PatchInPlace {
-            ordinal,
             uid,
             revision,
             images,
             record,
+            ..
         } => {
             let patch = objects::in_place_patch(uid, revision, images, record);
             pod_api
-                .patch(
-                    &objects::pod_name(&name, *ordinal),
-                    &pod_params(ctx),
-                    &Patch::Strategic(patch),
-                )
+                .patch(&pod_name, &pod_params(ctx), &Patch::Strategic(patch))
                 .await?;
             ctx.metrics.count("started");
             let list = images
@@ -595,22 +569,13 @@ async fn execute(
                 .join(", ");
             (
                 "InstanceUpdating",
-                format!(
-                    "{} updating in place to {revision} ({list})",
-                    objects::pod_name(&name, *ordinal)
-                ),
+                format!("{pod_name} updating in place to {revision} ({list})"),
                 uid.clone(),
             )
         }
         Action::PutInService { ordinal, uid } => {
-            let patch = objects::gate_patch(uid, true, "Ready", "in service", &stamp);
-            pod_api
-                .patch_status(
-                    &objects::pod_name(&name, *ordinal),
-                    &pod_params(ctx),
-                    &Patch::Strategic(patch),
-                )
-                .await?;
+            let gate = objects::gate_patch(uid, true, "Ready", "in service", &stamp);
+            set_gate(&pod_api, &pod_name, gate, ctx).await?;
             // An instance coming back from an in-place update: count it and time it.
             if let Some(pod) = pods.get(ordinal)
                 && let Some(record) = pod.record.as_ref()
@@ -623,7 +588,7 @@ async fn execute(
             }
             (
                 "InstanceInService",
-                format!("{} back in service", objects::pod_name(&name, *ordinal)),
+                format!("{pod_name} back in service"),
                 uid.clone(),
             )
         }
@@ -631,6 +596,19 @@ async fn execute(
     let pod_ref = objects::pod_reference(app, action.ordinal(), &uid);
     events.normal(&pod_ref, reason, "Upgrade", note).await;
     Ok(Some(reason))
+}
+
+/// Writes the readiness gate's condition into the pod's status.
+async fn set_gate(
+    pod_api: &Api<Pod>,
+    pod_name: &str,
+    gate: serde_json::Value,
+    ctx: &Context,
+) -> Result<(), Error> {
+    pod_api
+        .patch_status(pod_name, &pod_params(ctx), &Patch::Strategic(gate))
+        .await?;
+    Ok(())
 }
 
 /// One event on the app per kind of step this reconcile took, naming the instances (each pod

@@ -10,6 +10,7 @@ use futures::StreamExt;
 use gantry_kit::apply::apply_status;
 use gantry_kit::controller::cache_ready;
 use gantry_kit::error::{classify_kube_error, kube_error_metric_reason};
+use gantry_kit::index::OwnedIndex;
 use gantry_kit::runtime::Runtime;
 use gantry_kit::{ErrorClass, ReconcileError};
 use k8s_openapi::api::apps::v1::ControllerRevision;
@@ -27,9 +28,9 @@ use crate::api::{
 };
 use crate::checks::{self, MetricVerdict};
 use crate::metrics::{GrayMetrics, RevisionLabels};
-use crate::model::{Ordinal, PodView};
+use crate::model::{Instances, Ordinal, PodView};
 use crate::objects;
-use crate::observe::pod_view;
+use crate::observe::{LeanPod, pod_view};
 use crate::plan::{self, Action, DeleteReason, Input, Plan};
 use crate::revision::{Revision, Wanted};
 use crate::status::{self, StatusInput};
@@ -69,7 +70,8 @@ impl ReconcileError for Error {
 /// What every reconcile shares.
 pub struct Context {
     pub runtime: Runtime,
-    pub pods: Store<Pod>,
+    /// Each app's instances, filed under the app's UID.
+    pub pods: OwnedIndex<PodView>,
     pub revisions: Store<ControllerRevision>,
     pub metrics: GrayMetrics,
 }
@@ -84,19 +86,8 @@ pub async fn run(runtime: Runtime) {
         return;
     };
     let owned = watcher::Config::default().labels(LABEL_APP);
-    let (pods, pod_writer) = reflector::store();
-    // The cache holds every instance's pod: drop what the operator never reads (server-side
-    // apply bookkeeping, kubectl's last-applied copy) before it is stored.
-    let pod_events = reflector::reflector(
-        pod_writer,
-        watcher(runtime.api::<Pod>(), owned.clone()).modify(|pod| {
-            pod.managed_fields_mut().clear();
-            pod.annotations_mut()
-                .remove("kubectl.kubernetes.io/last-applied-configuration");
-        }),
-    )
-    .default_backoff()
-    .touched_objects();
+    // Every instance's pod is cached, as the planner's compact view of it.
+    let (pods, pod_events) = runtime.owned_index(runtime.api::<LeanPod>(), owned.clone(), pod_view);
     let (revisions, revision_writer) = reflector::store();
     let revision_events = reflector::reflector(
         revision_writer,
@@ -164,7 +155,8 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
     };
 
     // Dereference from the caches.
-    if !(cache_ready(&ctx.pods).await && cache_ready(&ctx.revisions).await) {
+    ctx.pods.synced().await;
+    if !cache_ready(&ctx.revisions).await {
         return Err(Error::CacheStopped);
     }
     let uid = app.uid().unwrap_or_default();
@@ -176,12 +168,10 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
                 .flatten()
                 .any(|o| o.uid == uid && o.controller == Some(true))
     };
-    let pods: BTreeMap<Ordinal, PodView> = ctx
+    let pods: Instances = ctx
         .pods
-        .state()
-        .iter()
-        .filter(|p| owned_by_app(&p.metadata))
-        .filter_map(|p| pod_view(p))
+        .owned_by(&uid)
+        .into_iter()
         .map(|v| (v.ordinal, v))
         .collect();
     let stored: Vec<Arc<ControllerRevision>> = ctx
@@ -311,7 +301,7 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
 async fn run_checks(
     app: &GrayApp,
     previous: &GrayAppStatus,
-    pods: &BTreeMap<Ordinal, PodView>,
+    pods: &Instances,
     update_revision: &str,
 ) -> (BTreeMap<Ordinal, String>, MetricVerdict) {
     let health = &app.spec.update.health;
@@ -324,7 +314,7 @@ async fn run_checks(
     let up: Vec<&PodView> = rollout
         .members
         .iter()
-        .filter_map(|m| pods.get(m))
+        .filter_map(|m| pods.get(m).map(AsRef::as_ref))
         .filter(|p| {
             p.revision.as_deref() == Some(update_revision) && p.in_place_done() && p.available()
         })
@@ -470,7 +460,7 @@ async fn execute(
     namespace: &str,
     action: &Action,
     revisions: &BTreeMap<String, Revision>,
-    pods: &BTreeMap<Ordinal, PodView>,
+    pods: &Instances,
     ctx: &Context,
     now_s: i64,
     now_t: &Time,
@@ -720,7 +710,7 @@ async fn collect_garbage(
     api: &Api<ControllerRevision>,
     stored: &[Arc<ControllerRevision>],
     wanted: &Wanted,
-    pods: &BTreeMap<Ordinal, PodView>,
+    pods: &Instances,
 ) {
     let in_use: BTreeSet<&str> = pods
         .values()

@@ -1,6 +1,7 @@
 //! What the planner sees of the world: instances as plain data, with no Kubernetes client.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +50,9 @@ pub struct InPlaceRecord {
     /// Baselines of the containers whose image changed.
     pub containers: BTreeMap<String, ContainerBaseline>,
 }
+
+/// An app's instances by ordinal (shared with the operator's cache, never copied).
+pub type Instances = BTreeMap<Ordinal, Arc<PodView>>;
 
 /// One instance's pod.
 #[derive(Clone, Debug, Default, PartialEq)]

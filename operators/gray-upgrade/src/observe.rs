@@ -1,35 +1,130 @@
 //! Reading pods into the planner's view.
+//!
+//! The operator caches every instance's pod, so pods are decoded straight from the API server's
+//! JSON into [`LeanPod`], which holds only the fields the planner reads: whole Pods (tens of
+//! kilobytes each, most of it spec and managed fields) are never built.
 
-use k8s_openapi::api::core::v1::Pod;
+use std::sync::Arc;
+
+use gantry_kit::index::lean_meta;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use serde::Deserialize;
 
 use crate::api::{ANNOTATION_IN_PLACE, LABEL_INSTANCE, LABEL_REVISION, READINESS_GATE};
-use crate::model::{ContainerView, InPlaceRecord, Ordinal, PodView};
+use crate::model::{ContainerView, InPlaceRecord, Instances, Ordinal, PodView};
 
-/// The instance ordinal a pod carries, if it is one of ours.
-pub fn ordinal_of(pod: &Pod) -> Option<Ordinal> {
-    pod.metadata
-        .labels
-        .as_ref()?
-        .get(LABEL_INSTANCE)?
-        .parse()
-        .ok()
+/// A Pod as the operator reads it: what [`pod_view`] needs and nothing else. Listed and
+/// watched like a Pod (`Api<LeanPod>`); never written.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct LeanPod {
+    #[serde(deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    spec: LeanSpec,
+    #[serde(default)]
+    status: LeanStatus,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanSpec {
+    node_name: Option<String>,
+    #[serde(default)]
+    containers: Vec<LeanContainer>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct LeanContainer {
+    name: String,
+    image: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanStatus {
+    phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(default)]
+    conditions: Vec<LeanCondition>,
+    #[serde(default)]
+    container_statuses: Vec<LeanContainerStatus>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanCondition {
+    #[serde(rename = "type")]
+    type_: String,
+    status: String,
+    last_transition_time: Option<Time>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanContainerStatus {
+    name: String,
+    #[serde(default)]
+    image: String,
+    #[serde(rename = "containerID")]
+    container_id: Option<String>,
+    #[serde(default)]
+    restart_count: i32,
+    #[serde(default)]
+    ready: bool,
+    state: Option<LeanState>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct LeanState {
+    running: Option<LeanRunning>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanRunning {
+    started_at: Option<Time>,
+}
+
+impl k8s_openapi::Resource for LeanPod {
+    const API_VERSION: &'static str = "v1";
+    const GROUP: &'static str = "";
+    const KIND: &'static str = "Pod";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "pods";
+    type Scope = NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for LeanPod {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
+    meta.labels.as_ref()?.get(key)
 }
 
 /// What the planner needs to know about a pod; `None` for a pod without an ordinal label.
-pub fn pod_view(pod: &Pod) -> Option<PodView> {
-    let ordinal = ordinal_of(pod)?;
+pub fn pod_view(pod: &LeanPod) -> Option<PodView> {
     let meta = &pod.metadata;
-    let status = pod.status.as_ref();
-    let conditions = status.and_then(|s| s.conditions.as_ref());
-    let condition = |type_: &str| conditions.and_then(|c| c.iter().find(|c| c.type_ == type_));
+    let ordinal: Ordinal = label(meta, LABEL_INSTANCE)?.parse().ok()?;
+    let status = &pod.status;
+    let condition = |type_: &str| status.conditions.iter().find(|c| c.type_ == type_);
     let gate = condition(READINESS_GATE);
-    let statuses = status.and_then(|s| s.container_statuses.as_ref());
     let containers = pod
         .spec
+        .containers
         .iter()
-        .flat_map(|s| s.containers.iter())
         .map(|c| {
-            let st = statuses.and_then(|all| all.iter().find(|s| s.name == c.name));
+            let st = status.container_statuses.iter().find(|s| s.name == c.name);
             ContainerView {
                 name: c.name.clone(),
                 image: c.image.clone().unwrap_or_default(),
@@ -45,23 +140,19 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
             }
         })
         .collect();
-    let phase = status.and_then(|s| s.phase.as_deref());
     Some(PodView {
         ordinal,
         uid: meta.uid.clone().unwrap_or_default(),
-        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-        ip: status.and_then(|s| s.pod_ip.clone()),
+        node: pod.spec.node_name.clone(),
+        ip: status.pod_ip.clone(),
         labels: meta.labels.clone().unwrap_or_default(),
-        revision: meta
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_REVISION).cloned()),
+        revision: label(meta, LABEL_REVISION).cloned(),
         created_at: meta
             .creation_timestamp
             .as_ref()
             .map_or(0, |t| t.0.as_second()),
         deleting: meta.deletion_timestamp.is_some(),
-        terminal: matches!(phase, Some("Succeeded" | "Failed")),
+        terminal: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
         ready: condition("Ready").is_some_and(|c| c.status == "True"),
         in_service: gate.map(|c| c.status == "True"),
         in_service_since: gate
@@ -76,6 +167,14 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
     })
 }
 
+/// The app's instances by ordinal, from its pods.
+pub fn instances<'a>(pods: impl IntoIterator<Item = &'a LeanPod>) -> Instances {
+    pods.into_iter()
+        .filter_map(pod_view)
+        .map(|v| (v.ordinal, Arc::new(v)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,7 +182,7 @@ mod tests {
 
     #[test]
     fn reads_everything_the_planner_needs() {
-        let pod: Pod = serde_json::from_value(json!({
+        let pod: LeanPod = serde_json::from_value(json!({
             "metadata": {
                 "name": "ocr-3", "uid": "u3", "creationTimestamp": "2026-11-22T10:00:00Z",
                 "labels": {"apps.gantry.dev/instance": "3", "apps.gantry.dev/revision": "ocr-abc"},
@@ -124,6 +223,6 @@ mod tests {
 
     #[test]
     fn pods_without_an_ordinal_are_not_ours() {
-        assert!(pod_view(&Pod::default()).is_none());
+        assert!(pod_view(&LeanPod::default()).is_none());
     }
 }

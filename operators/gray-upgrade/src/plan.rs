@@ -25,7 +25,7 @@ use crate::api::{
 };
 use crate::checks::MetricVerdict;
 use crate::model::{
-    ContainerBaseline, InPlaceRecord, Ordinal, PodView, Seconds, format_ranges, normalize_image,
+    ContainerBaseline, InPlaceRecord, Instances, Ordinal, Seconds, format_ranges, normalize_image,
     parse_ranges,
 };
 use crate::revision::{Revision, in_place_compatible};
@@ -41,7 +41,7 @@ pub struct Input<'a> {
     /// The status as last written.
     pub status: &'a GrayAppStatus,
     /// The app's pods by ordinal (including ones beyond the desired set).
-    pub pods: &'a BTreeMap<Ordinal, PodView>,
+    pub pods: &'a Instances,
     /// Every known revision by name: the update revision, the variants', and history.
     pub revisions: &'a BTreeMap<String, Revision>,
     /// The revision of spec.template.
@@ -398,11 +398,7 @@ impl<'a> Planner<'a> {
 
 /// The instances a batch takes from `outdated` (ascending ordinals): the named ones in the
 /// order given, those whose pods match a selector, a count of the first, or all of them.
-fn select(
-    batch: Option<&Batch>,
-    outdated: Vec<Ordinal>,
-    pods: &BTreeMap<Ordinal, PodView>,
-) -> Vec<Ordinal> {
+fn select(batch: Option<&Batch>, outdated: Vec<Ordinal>, pods: &Instances) -> Vec<Ordinal> {
     let Some(batch) = batch else {
         return outdated;
     };
@@ -646,7 +642,7 @@ pub fn plan(input: &Input) -> Plan {
     let mut unavailable = planner
         .desired
         .iter()
-        .filter(|o| !input.pods.get(o).is_some_and(PodView::available))
+        .filter(|o| !input.pods.get(o).is_some_and(|p| p.available()))
         .count();
     let sets = Sets::new(&planner.desired, &rollout);
     let mut actions = Vec::new();

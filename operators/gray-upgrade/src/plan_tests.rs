@@ -3,6 +3,7 @@
 //! step; property tests play out random plans and states.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -14,7 +15,7 @@ use crate::api::{
     UpdateStrategy,
 };
 use crate::checks::MetricVerdict;
-use crate::model::{ContainerView, Ordinal, PodView, Seconds, format_ranges};
+use crate::model::{ContainerView, Instances, Ordinal, PodView, Seconds, format_ranges};
 use crate::plan::{Action, DeleteReason, Input, Plan, desired_ordinals, max_unavailable, plan};
 use crate::revision::{Revision, Wanted};
 
@@ -80,7 +81,7 @@ fn count(n: IntOrString) -> Batch {
 struct World {
     spec: GrayAppSpec,
     status: GrayAppStatus,
-    pods: BTreeMap<Ordinal, PodView>,
+    pods: Instances,
     revisions: BTreeMap<String, Revision>,
     approve: Option<String>,
     abort: Option<String>,
@@ -177,7 +178,7 @@ impl World {
                 let container = self.container(&image);
                 self.pods.insert(
                     *ordinal,
-                    PodView {
+                    Arc::new(PodView {
                         ordinal: *ordinal,
                         uid: format!("uid-{ordinal}-{}", self.next_id),
                         node: Some(format!("node-{}", ordinal % 3)),
@@ -193,7 +194,7 @@ impl World {
                         created_at: self.now,
                         containers: vec![container],
                         ..PodView::default()
-                    },
+                    }),
                 );
             }
             Action::Delete {
@@ -205,7 +206,7 @@ impl World {
                 self.pods.remove(ordinal);
             }
             Action::TakeOutOfService { ordinal, .. } => {
-                let pod = self.pods.get_mut(ordinal).expect("pod exists");
+                let pod = Arc::make_mut(self.pods.get_mut(ordinal).expect("pod exists"));
                 pod.in_service = Some(false);
                 pod.in_service_since = Some(self.now);
                 pod.ready = false;
@@ -218,7 +219,7 @@ impl World {
                 ..
             } => {
                 self.patches.push((*ordinal, revision.clone()));
-                let pod = self.pods.get_mut(ordinal).expect("pod exists");
+                let pod = Arc::make_mut(self.pods.get_mut(ordinal).expect("pod exists"));
                 pod.revision = Some(revision.clone());
                 for c in &mut pod.containers {
                     if let Some(image) = images.get(&c.name) {
@@ -228,7 +229,7 @@ impl World {
                 pod.record = Some(record.clone());
             }
             Action::PutInService { ordinal, .. } => {
-                let pod = self.pods.get_mut(ordinal).expect("pod exists");
+                let pod = Arc::make_mut(self.pods.get_mut(ordinal).expect("pod exists"));
                 pod.in_service = Some(true);
                 pod.in_service_since = Some(self.now);
             }
@@ -249,13 +250,13 @@ impl World {
             for image in needs_restart {
                 let mut fresh = self.container(&image);
                 fresh.ready &= !(self.broken_instances.contains(&o) && image != "ocr:v7");
-                let pod = self.pods.get_mut(&o).expect("pod exists");
+                let pod = Arc::make_mut(self.pods.get_mut(&o).expect("pod exists"));
                 if let Some(c) = pod.containers.iter_mut().find(|c| c.image == image) {
                     fresh.restart_count = c.restart_count + 1;
                     *c = fresh;
                 }
             }
-            let pod = self.pods.get_mut(&o).expect("pod exists");
+            let pod = Arc::make_mut(self.pods.get_mut(&o).expect("pod exists"));
             pod.ready = pod.containers_ready() && pod.in_service == Some(true);
         }
     }
@@ -288,7 +289,7 @@ impl World {
     fn unavailable(&self) -> usize {
         self.desired()
             .iter()
-            .filter(|o| !self.pods.get(o).is_some_and(PodView::available))
+            .filter(|o| !self.pods.get(o).is_some_and(|p| p.available()))
             .count()
     }
 
@@ -902,13 +903,13 @@ proptest! {
         let update = batches(vec![instances(&first.iter().copied().filter(|o| *o < replicas).chain([0]).collect::<BTreeSet<_>>().into_iter().collect::<Vec<_>>())], Promotion::Auto, max_unavail);
         let mut world = World::settled(spec(replicas, "ocr:v7", update));
         for o in &broken {
-            if let Some(p) = world.pods.get_mut(o) {
+            if let Some(p) = world.pods.get_mut(o).map(Arc::make_mut) {
                 p.ready = false;
                 p.containers[0].ready = false;
             }
         }
         for o in &out_of_service {
-            if let Some(p) = world.pods.get_mut(o) {
+            if let Some(p) = world.pods.get_mut(o).map(Arc::make_mut) {
                 p.in_service = Some(false);
                 p.ready = false;
             }

@@ -7,7 +7,7 @@ use gantry_kit::conditions::{self, Desired, Status, Summary};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{GrayAppSpec, GrayAppStatus, InstanceStatus, RevisionStatus, RolloutPhase};
-use crate::model::{Ordinal, PodView, format_ranges};
+use crate::model::{Instances, Ordinal, PodView, format_ranges};
 use crate::objects::pod_name;
 use crate::plan::{Plan, desired_ordinals};
 use crate::revision::Revision;
@@ -25,7 +25,7 @@ pub struct StatusInput<'a> {
     pub generation: Option<i64>,
     pub spec: &'a GrayAppSpec,
     pub previous: &'a GrayAppStatus,
-    pub pods: &'a BTreeMap<Ordinal, PodView>,
+    pub pods: &'a Instances,
     pub revisions: &'a BTreeMap<String, Revision>,
     /// Variant name of each variant revision.
     pub variant_names: &'a BTreeMap<String, String>,
@@ -62,7 +62,7 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
     let existing = desired.iter().filter(|o| pods.contains_key(o)).count();
     let ready = desired
         .iter()
-        .filter(|o| pods.get(o).is_some_and(PodView::available))
+        .filter(|o| pods.get(o).is_some_and(|p| p.available()))
         .count();
     let updated = desired
         .iter()
@@ -100,7 +100,7 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
     let mut instances = Vec::new();
     for o in &desired {
         let pod = pods.get(o);
-        let state = instance_state(pod);
+        let state = instance_state(pod.map(AsRef::as_ref));
         let revision = pod.and_then(|p| p.revision.clone());
         let steady = state == "Running" && revision.as_deref() == Some(input.update_revision);
         if !full && (steady || instances.len() >= FULL_TABLE_LIMIT) {
@@ -116,7 +116,7 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
                     .join(",")
             })
             .unwrap_or_default();
-        let ready = pod.is_some_and(PodView::available);
+        let ready = pod.is_some_and(|p| p.available());
         let unchanged = previous_rows
             .get(name.as_str())
             .filter(|prev| prev.revision == revision && prev.ready == ready && prev.state == state);
@@ -280,6 +280,7 @@ mod tests {
     use super::*;
     use crate::model::ContainerView;
     use k8s_openapi::jiff::Timestamp;
+    use std::sync::Arc;
 
     fn spec(replicas: i32) -> GrayAppSpec {
         serde_json::from_value(serde_json::json!({
@@ -315,7 +316,12 @@ mod tests {
     fn converged_app_is_ready_with_revision_spread() {
         let spec = spec(3);
         let pods: BTreeMap<_, _> = (0..3)
-            .map(|o| (o, running(o, if o == 1 { "ocr-b" } else { "ocr-a" })))
+            .map(|o| {
+                (
+                    o,
+                    Arc::new(running(o, if o == 1 { "ocr-b" } else { "ocr-a" })),
+                )
+            })
             .collect();
         let now = now();
         let status = build(&StatusInput {
@@ -377,8 +383,10 @@ mod tests {
     #[test]
     fn large_apps_list_only_instances_that_are_not_steady() {
         let spec = spec(1000);
-        let mut pods: BTreeMap<_, _> = (0..1000).map(|o| (o, running(o, "ocr-a"))).collect();
-        if let Some(p) = pods.get_mut(&7) {
+        let mut pods: BTreeMap<_, _> = (0..1000)
+            .map(|o| (o, Arc::new(running(o, "ocr-a"))))
+            .collect();
+        if let Some(p) = pods.get_mut(&7).map(Arc::make_mut) {
             p.ready = false;
         }
         let now = now();
@@ -403,7 +411,7 @@ mod tests {
     #[test]
     fn instance_transition_time_moves_only_on_change() {
         let spec = spec(1);
-        let pods: BTreeMap<_, _> = [(0, running(0, "ocr-a"))].into();
+        let pods: BTreeMap<_, _> = [(0, Arc::new(running(0, "ocr-a")))].into();
         let t1 = now();
         let input = |previous: &GrayAppStatus, now: &Time| {
             build(&StatusInput {

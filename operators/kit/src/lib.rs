@@ -10,6 +10,7 @@
 //! - Events ([`events`]), kstatus-compatible conditions ([`conditions`]), server-side apply
 //!   ([`apply`]), and the shared error policy with capped, jittered backoff ([`backoff`],
 //!   [`error`], [`controller`]);
+//! - a lean watch cache of owned objects, filed by owner ([`index`]);
 //! - rendering and checking CRDs ([`crd`]).
 
 pub mod apply;
@@ -21,6 +22,7 @@ pub mod crd;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod runtime;

@@ -9,12 +9,13 @@ use clap::{Parser, Subcommand};
 use gray_upgrade::api::{
     ANNOTATION_ABORT, ANNOTATION_APPROVE, Batch, GrayApp, LABEL_APP, RolloutPhase,
 };
-use gray_upgrade::model::{Ordinal, PodView};
+use gray_upgrade::model::Instances;
+use gray_upgrade::observe::{LeanPod, instances};
 use gray_upgrade::plan::{Input, preview};
 use gray_upgrade::plugin::{parse_images, parse_instances, status_table, table};
 use gray_upgrade::revision::{Revision, Wanted, images, with_images};
 use k8s_openapi::api::apps::v1::ControllerRevision;
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
@@ -347,21 +348,12 @@ async fn revisions(
         .items)
 }
 
-async fn pods(
-    client: &Client,
-    namespace: &str,
-    app: &str,
-) -> anyhow::Result<BTreeMap<Ordinal, PodView>> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+async fn pods(client: &Client, namespace: &str, app: &str) -> anyhow::Result<Instances> {
+    let api: Api<LeanPod> = Api::namespaced(client.clone(), namespace);
     let list = api
         .list(&ListParams::default().labels(&format!("{LABEL_APP}={app}")))
         .await?;
-    Ok(list
-        .items
-        .iter()
-        .filter_map(gray_upgrade::observe::pod_view)
-        .map(|v| (v.ordinal, v))
-        .collect())
+    Ok(instances(&list.items))
 }
 
 /// `--to` by name or number; by default the revision the current rollout came from, else the

@@ -1,27 +1,124 @@
 //! Kubernetes Events (events.k8s.io/v1) for every state change an operator makes.
 //!
 //! Publishing an event never fails a reconcile: an event that cannot be written is logged and
-//! dropped, because the change it describes has already happened. Repeats of the same event are
-//! folded into one with a count by the underlying recorder.
+//! dropped, because the change it describes has already happened.
+//!
+//! An event repeated within [`SERIES_WINDOW`] (same object, type, reason, action and note) is
+//! folded into the first one as a series with a count, as the events API intends. To do that,
+//! the writer remembers a fingerprint and the name of each recent event, about a hundred bytes
+//! apiece, rather than the event itself: an operator that touches ten thousand pods keeps a
+//! megabyte, not tens of them. The note is part of the fingerprint so that a count never sits
+//! next to a note from an earlier, different occurrence.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::json;
 
-/// Writes events on behalf of one operator replica.
+/// How long a repeat still joins an earlier event's series.
+pub const SERIES_WINDOW: SignedDuration = SignedDuration::from_mins(6);
+
+/// How often fingerprints older than the window are swept out.
+const SWEEP_EVERY: SignedDuration = SignedDuration::from_secs(60);
+
+/// Whether an event reports something going as intended or something to look at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+impl EventType {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        }
+    }
+}
+
+/// Writes events on behalf of one operator replica. Cheap to clone; clones share the memory of
+/// recent events.
 #[derive(Clone)]
 pub struct Events {
-    recorder: Recorder,
+    client: kube::Client,
+    controller: String,
+    instance: String,
+    recent: Arc<Mutex<Recent>>,
+    sequence: Arc<AtomicU32>,
+}
+
+/// Recent events by fingerprint.
+#[derive(Default)]
+struct Recent {
+    by_fingerprint: HashMap<u64, Written>,
+    swept_at: Option<Timestamp>,
+}
+
+#[derive(Clone)]
+struct Written {
+    namespace: String,
+    name: String,
+    count: i32,
+    last: Timestamp,
+}
+
+impl Recent {
+    /// The earlier event `fingerprint` repeats, if it is recent enough to join.
+    fn repeat_of(&mut self, fingerprint: u64, now: Timestamp) -> Option<Written> {
+        if self
+            .swept_at
+            .is_none_or(|swept| now.duration_since(swept) >= SWEEP_EVERY)
+        {
+            self.by_fingerprint
+                .retain(|_, w| now.duration_since(w.last) < SERIES_WINDOW);
+            self.swept_at = Some(now);
+        }
+        self.by_fingerprint
+            .get(&fingerprint)
+            .filter(|w| now.duration_since(w.last) < SERIES_WINDOW)
+            .cloned()
+    }
+}
+
+fn fingerprint(
+    type_: EventType,
+    regarding: &ObjectReference,
+    reason: &str,
+    action: &str,
+    note: &str,
+) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    type_.hash(&mut hasher);
+    regarding.api_version.hash(&mut hasher);
+    regarding.kind.hash(&mut hasher);
+    regarding.namespace.hash(&mut hasher);
+    regarding.name.hash(&mut hasher);
+    regarding.uid.hash(&mut hasher);
+    regarding.field_path.hash(&mut hasher);
+    reason.hash(&mut hasher);
+    action.hash(&mut hasher);
+    note.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Events {
     /// `controller` names the operator (`gantry-gray-upgrade`); `instance` the replica.
     pub fn new(client: kube::Client, controller: &str, instance: Option<String>) -> Self {
-        let reporter = Reporter {
-            controller: controller.to_string(),
-            instance,
-        };
         Self {
-            recorder: Recorder::new(client, reporter),
+            client,
+            controller: controller.to_string(),
+            instance: instance.unwrap_or_else(|| controller.to_string()),
+            recent: Arc::default(),
+            sequence: Arc::default(),
         }
     }
 
@@ -34,15 +131,8 @@ impl Events {
         action: &str,
         note: impl Into<String>,
     ) {
-        self.publish(
-            EventType::Normal,
-            regarding,
-            None,
-            reason,
-            action,
-            note.into(),
-        )
-        .await;
+        self.publish(EventType::Normal, regarding, reason, action, note.into())
+            .await;
     }
 
     /// A warning: something needs a person's attention or did not go as intended.
@@ -53,62 +143,119 @@ impl Events {
         action: &str,
         note: impl Into<String>,
     ) {
-        self.publish(
-            EventType::Warning,
-            regarding,
-            None,
-            reason,
-            action,
-            note.into(),
-        )
-        .await;
-    }
-
-    /// An event about `regarding` that also concerns `related` (an app and one of its pods).
-    pub async fn related(
-        &self,
-        type_: EventType,
-        regarding: &ObjectReference,
-        related: &ObjectReference,
-        reason: &str,
-        action: &str,
-        note: impl Into<String>,
-    ) {
-        self.publish(
-            type_,
-            regarding,
-            Some(related.clone()),
-            reason,
-            action,
-            note.into(),
-        )
-        .await;
+        self.publish(EventType::Warning, regarding, reason, action, note.into())
+            .await;
     }
 
     async fn publish(
         &self,
         type_: EventType,
         regarding: &ObjectReference,
-        related: Option<ObjectReference>,
         reason: &str,
         action: &str,
         note: String,
     ) {
-        let event = Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(truncate_note(note)),
-            action: action.to_string(),
-            secondary: related,
+        let note = truncate_note(note);
+        let now = Timestamp::now();
+        let key = fingerprint(type_, regarding, reason, action, &note);
+        let repeat = self.recent().repeat_of(key, now);
+        let written = match repeat {
+            Some(earlier) => match self.add_to_series(&earlier, now).await {
+                Ok(()) => Ok(Written {
+                    count: earlier.count + 1,
+                    last: now,
+                    ..earlier
+                }),
+                // Expired or deleted meanwhile: start afresh.
+                Err(kube::Error::Api(status)) if status.is_not_found() => {
+                    self.create(type_, regarding, reason, action, note, now)
+                        .await
+                }
+                Err(err) => Err(err),
+            },
+            None => {
+                self.create(type_, regarding, reason, action, note, now)
+                    .await
+            }
         };
-        if let Err(err) = self.recorder.publish(&event, regarding).await {
-            tracing::warn!(
+        match written {
+            Ok(written) => {
+                self.recent().by_fingerprint.insert(key, written);
+            }
+            Err(err) => tracing::warn!(
                 reason,
                 object = regarding.name.as_deref().unwrap_or_default(),
                 error = %err,
                 "could not record event"
-            );
+            ),
         }
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn create(
+        &self,
+        type_: EventType,
+        regarding: &ObjectReference,
+        reason: &str,
+        action: &str,
+        note: String,
+        now: Timestamp,
+    ) -> Result<Written, kube::Error> {
+        let namespace = regarding
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string());
+        // Unique per replica: the time, plus a counter for events in the same nanosecond.
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let name = format!(
+            "{}.{:x}{:04x}",
+            regarding.name.as_deref().unwrap_or(&self.controller),
+            now.as_nanosecond(),
+            sequence & 0xffff
+        );
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(now)),
+            type_: Some(type_.as_str().to_string()),
+            reason: Some(reason.to_string()),
+            action: Some(action.to_string()),
+            note: Some(note),
+            regarding: Some(regarding.clone()),
+            reporting_controller: Some(self.controller.clone()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Event::default()
+        };
+        Api::<Event>::namespaced(self.client.clone(), &namespace)
+            .create(&PostParams::default(), &event)
+            .await?;
+        Ok(Written {
+            namespace,
+            name,
+            count: 1,
+            last: now,
+        })
+    }
+
+    async fn add_to_series(&self, earlier: &Written, now: Timestamp) -> Result<(), kube::Error> {
+        let series = json!({"series": {
+            "count": earlier.count + 1,
+            "lastObservedTime": MicroTime(now),
+        }});
+        Api::<Event>::namespaced(self.client.clone(), &earlier.namespace)
+            .patch(
+                &earlier.name,
+                &PatchParams::default(),
+                &Patch::Merge(series),
+            )
+            .await?;
+        Ok(())
     }
 }
 
@@ -136,5 +283,70 @@ mod tests {
         let long = truncate_note("ä".repeat(2000));
         assert!(long.len() <= 1024);
         assert!(long.ends_with("..."));
+    }
+
+    fn pod(name: &str) -> ObjectReference {
+        ObjectReference {
+            kind: Some("Pod".into()),
+            namespace: Some("ns".into()),
+            name: Some(name.into()),
+            uid: Some(format!("uid-{name}")),
+            ..ObjectReference::default()
+        }
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).expect("valid")
+    }
+
+    fn written(name: &str, last: Timestamp) -> Written {
+        Written {
+            namespace: "ns".into(),
+            name: name.into(),
+            count: 1,
+            last,
+        }
+    }
+
+    #[test]
+    fn fingerprints_tell_apart_everything_that_makes_an_event_different() {
+        let base = fingerprint(EventType::Normal, &pod("a"), "R", "A", "note");
+        assert_eq!(
+            base,
+            fingerprint(EventType::Normal, &pod("a"), "R", "A", "note")
+        );
+        for other in [
+            fingerprint(EventType::Warning, &pod("a"), "R", "A", "note"),
+            fingerprint(EventType::Normal, &pod("b"), "R", "A", "note"),
+            fingerprint(EventType::Normal, &pod("a"), "S", "A", "note"),
+            fingerprint(EventType::Normal, &pod("a"), "R", "B", "note"),
+            fingerprint(EventType::Normal, &pod("a"), "R", "A", "other note"),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
+
+    #[test]
+    fn a_repeat_joins_only_within_the_window() {
+        let mut recent = Recent::default();
+        recent.by_fingerprint.insert(1, written("e1", at(0)));
+        assert_eq!(
+            recent.repeat_of(1, at(10)).map(|w| w.name),
+            Some("e1".into())
+        );
+        assert!(recent.repeat_of(2, at(10)).is_none(), "a different event");
+        assert!(recent.repeat_of(1, at(6 * 60)).is_none(), "too late");
+    }
+
+    #[test]
+    fn old_fingerprints_are_swept_out() {
+        let mut recent = Recent::default();
+        recent.by_fingerprint.insert(1, written("old", at(0)));
+        recent.by_fingerprint.insert(2, written("fresh", at(400)));
+        assert!(recent.repeat_of(3, at(30)).is_none());
+        assert_eq!(recent.by_fingerprint.len(), 2, "nothing is old yet");
+        assert!(recent.repeat_of(3, at(420)).is_none());
+        assert_eq!(recent.by_fingerprint.len(), 1, "the old one is gone");
+        assert!(recent.by_fingerprint.contains_key(&2));
     }
 }

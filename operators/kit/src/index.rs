@@ -213,12 +213,34 @@ impl<V> OwnedIndex<V> {
     }
 }
 
+/// Watches the objects `api` lists (narrowed by `config`) into an [`OwnedIndex`] of what
+/// `project` keeps of each. Returns the index and the stream of changed objects, which must be
+/// polled for the index to fill (hand it to `Controller::owns_stream` so that owners are
+/// reconciled when their objects change; an object is filed before it is passed on).
+pub fn watch<K, V>(
+    api: Api<K>,
+    config: watcher::Config,
+    project: impl Fn(&K) -> Option<V> + Send + 'static,
+) -> (
+    OwnedIndex<V>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    V: Send + Sync + 'static,
+{
+    let index = OwnedIndex::default();
+    let filing = index.clone();
+    let changes = watcher::watcher(api, config)
+        .default_backoff()
+        .inspect_ok(move |event| filing.apply(event, &project))
+        .touched_objects();
+    (index, changes)
+}
+
 impl Runtime {
-    /// Watches the objects `api` lists (narrowed by `config`) into an [`OwnedIndex`] of what
-    /// `project` keeps of each. Returns the index and the stream of changed objects, which must
-    /// be polled (hand it to `Controller::owns_stream` so that owners are reconciled when their
-    /// objects change; the index is updated before an object is passed on). A leader is ready
-    /// only once the index has its first complete list.
+    /// [`watch`], with the leader counted as ready only once the index has its first complete
+    /// list.
     pub fn owned_index<K, V>(
         &self,
         api: Api<K>,
@@ -232,7 +254,7 @@ impl Runtime {
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
         V: Send + Sync + 'static,
     {
-        let index = OwnedIndex::default();
+        let (index, changes) = watch(api, config, project);
         let cache = self.readiness().track_cache();
         let waiting = index.clone();
         tokio::spawn(async move {
@@ -240,11 +262,6 @@ impl Runtime {
             tracing::info!(objects = waiting.len(), "owned-object index synced");
             cache.synced();
         });
-        let filing = index.clone();
-        let changes = watcher::watcher(api, config)
-            .default_backoff()
-            .inspect_ok(move |event| filing.apply(event, &project))
-            .touched_objects();
         (index, changes)
     }
 }

@@ -75,16 +75,22 @@ fn resident_kib(pid: u32) -> Result<u64> {
 }
 
 /// `gantry_reconcile_duration_seconds_sum` from the operator's metrics.
-async fn reconcile_seconds(metrics: &str) -> Result<f64> {
+/// Seconds spent in reconciles and how many ran, from the operator's metrics.
+async fn reconciles(metrics: &str) -> Result<(f64, f64)> {
     let (code, body) = gantry_e2e::http::get(metrics, "/metrics").await?;
     if code != 200 {
         bail!("metrics answered {code}");
     }
-    Ok(body
-        .lines()
-        .filter(|l| l.starts_with("gantry_reconcile_duration_seconds_sum"))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum())
+    let total = |series: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    Ok((
+        total("gantry_reconcile_duration_seconds_sum"),
+        total("gantry_reconcile_duration_seconds_count"),
+    ))
 }
 
 /// Requests in the audit log by `user`, counted by "verb resource[/subresource]", from byte
@@ -250,7 +256,7 @@ async fn run(args: &Args, cluster: &Cluster, binary: &Path) -> Result<()> {
     let audit = cluster.state_dir.join("logs/audit.log");
     let (_, audit_offset) = audit_counts(&audit, &user, 0)?;
     let (cpu_before, _) = process_usage(operator.pid())?;
-    let reconcile_before = reconcile_seconds(&metrics).await?;
+    let (reconcile_before, reconciles_before) = reconciles(&metrics).await?;
     let started = Instant::now();
     apps.patch(
         "bench",
@@ -266,7 +272,8 @@ async fn run(args: &Args, cluster: &Cluster, binary: &Path) -> Result<()> {
     .await?;
     let rollout_seconds = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await; // let the audit log catch up
-    let reconcile_seconds_spent = reconcile_seconds(&metrics).await? - reconcile_before;
+    let (reconcile_after, reconciles_after) = reconciles(&metrics).await?;
+    let reconcile_seconds_spent = reconcile_after - reconcile_before;
     let (cpu_after, peak_kib) = process_usage(operator.pid())?;
     let (counts, _) = audit_counts(&audit, &user, audit_offset)?;
     let writes: u64 = counts
@@ -305,6 +312,7 @@ async fn run(args: &Args, cluster: &Cluster, binary: &Path) -> Result<()> {
     println!(
         "| rollout, wall time (patch → last instance Ready, rollout Completed) | {rollout_seconds:.1} s |"
     );
+    println!("| reconciles | {} |", reconciles_after - reconciles_before);
     println!(
         "| time inside reconciles (sum of reconcile durations) | {reconcile_seconds_spent:.2} s |"
     );

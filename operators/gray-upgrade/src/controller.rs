@@ -240,19 +240,23 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
     tracing::debug!(actions = plan.actions.len(), phase = ?plan.rollout.phase, "planned");
 
     // Act; each action is independent of the others in the same plan.
-    let pending: Vec<_> = plan
-        .actions
-        .iter()
-        .map(|a| async {
-            let result = execute(&app, &namespace, a, &revisions, &pods, &ctx, now_s, &now_t).await;
-            (a.ordinal(), result)
-        })
-        .collect();
-    let results: Vec<(Ordinal, Result<Option<&'static str>, Error>)> =
-        futures::stream::iter(pending)
+    // Futures are made as slots free up: each is several kilobytes, and scaling up plans
+    // thousands of creations at once. (By index: a closure over `&Action` trips the compiler's
+    // higher-ranked lifetime check for `Send`.)
+    let results: Vec<(Ordinal, Result<Option<&'static str>, Error>)> = {
+        let (app, namespace, revisions, pods, ctx, now_t) =
+            (&*app, &namespace, &revisions, &pods, &ctx, &now_t);
+        let actions = &plan.actions;
+        futures::stream::iter(0..actions.len())
+            .map(move |i| async move {
+                let a = &actions[i];
+                let result = execute(app, namespace, a, revisions, pods, ctx, now_s, now_t).await;
+                (a.ordinal(), result)
+            })
             .buffer_unordered(32)
             .collect()
-            .await;
+            .await
+    };
     record_steps(&app, &ctx, &name, &results).await;
 
     for note in &plan.notes {
@@ -466,7 +470,8 @@ async fn execute(
     now_t: &Time,
 ) -> Result<Option<&'static str>, Error> {
     let client = ctx.runtime.client().clone();
-    let pod_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    // Writes read back the lean form: the response to every patch is a whole pod.
+    let pod_api: Api<LeanPod> = Api::namespaced(client.clone(), namespace);
     let name = app.name_any();
     let events = ctx.runtime.events();
     let stamp = now_t.0.to_string();
@@ -485,7 +490,10 @@ async fn execute(
                 field_manager: Some(ctx.runtime.field_manager().into()),
                 ..PostParams::default()
             };
-            let created = match pod_api.create(&params, &pod).await {
+            let created = match Api::<Pod>::namespaced(client.clone(), namespace)
+                .create(&params, &pod)
+                .await
+            {
                 Ok(p) => p.uid(),
                 Err(kube::Error::Api(s)) if s.is_already_exists() => return Ok(None),
                 Err(err) => return Err(err.into()),
@@ -590,7 +598,7 @@ async fn execute(
 
 /// Writes the readiness gate's condition into the pod's status.
 async fn set_gate(
-    pod_api: &Api<Pod>,
+    pod_api: &Api<LeanPod>,
     pod_name: &str,
     gate: serde_json::Value,
     ctx: &Context,

@@ -168,14 +168,14 @@ fn seconds(t: &Time) -> Seconds {
 }
 
 /// The revision each instance ran when status was last written, from the revision ranges.
-fn last_known_revisions(status: &GrayAppStatus) -> BTreeMap<Ordinal, String> {
+fn last_known_revisions(status: &GrayAppStatus) -> BTreeMap<Ordinal, &str> {
     status
         .revisions
         .iter()
         .flat_map(|r| {
             parse_ranges(&r.instances)
                 .into_iter()
-                .map(move |o| (o, r.name.clone()))
+                .map(move |o| (o, r.name.as_str()))
         })
         .collect()
 }
@@ -231,7 +231,7 @@ impl Sets {
 struct Planner<'a> {
     input: &'a Input<'a>,
     desired: Vec<Ordinal>,
-    last_known: BTreeMap<Ordinal, String>,
+    last_known: BTreeMap<Ordinal, &'a str>,
     notes: Vec<Note>,
     requeue: Option<Seconds>,
 }
@@ -252,15 +252,15 @@ impl<'a> Planner<'a> {
 
     /// The revision an instance runs now: its pod's label, else what status last recorded,
     /// else the last completed rollout's revision, else the update revision.
-    fn running_revision(&self, ordinal: Ordinal) -> String {
+    fn running_revision(&self, ordinal: Ordinal) -> &'a str {
         let input = self.input;
         input
             .pods
             .get(&ordinal)
-            .and_then(|p| p.revision.clone())
-            .or_else(|| self.last_known.get(&ordinal).cloned())
-            .or_else(|| input.status.current_revision.clone())
-            .unwrap_or_else(|| input.update_revision.to_string())
+            .and_then(|p| p.revision.as_deref())
+            .or_else(|| self.last_known.get(&ordinal).copied())
+            .or(input.status.current_revision.as_deref())
+            .unwrap_or(input.update_revision)
     }
 
     /// Where an instance should be.
@@ -289,7 +289,7 @@ impl<'a> Planner<'a> {
             {
                 return origin.clone();
             }
-            return running;
+            return running.to_string();
         }
         let moving = matches!(
             rollout.phase,
@@ -298,7 +298,7 @@ impl<'a> Planner<'a> {
         if moving && rollout.batch_started_at.is_some() && sets.members.contains(&ordinal) {
             return rollout.revision.clone();
         }
-        running
+        running.to_string()
     }
 
     /// The rollout to work on: the one in status, or a new one when the template changed.
@@ -482,7 +482,7 @@ pub fn plan(input: &Input) -> Plan {
         } else {
             let members = planner.resolve_batch(spec.update.batches.get(index));
             for ordinal in &members {
-                let origin = planner.running_revision(*ordinal);
+                let origin = planner.running_revision(*ordinal).to_string();
                 let mut set = rollout
                     .origins
                     .get(&origin)
@@ -669,6 +669,7 @@ pub fn plan(input: &Input) -> Plan {
             .copied()
             .filter(|o| !sets.members.contains(o)),
     );
+    let mut compatible: BTreeMap<(&str, &str), bool> = BTreeMap::new();
     for ordinal in order {
         let target = planner.target(&rollout, &sets, &failed, ordinal);
         let Some(pod) = input.pods.get(&ordinal) else {
@@ -698,7 +699,7 @@ pub fn plan(input: &Input) -> Plan {
             }
             continue;
         }
-        let Some(to) = input.revisions.get(&target) else {
+        let Some((to_name, to)) = input.revisions.get_key_value(&target) else {
             planner.note(
                 true,
                 "RevisionMissing",
@@ -706,9 +707,17 @@ pub fn plan(input: &Input) -> Plan {
             );
             continue;
         };
-        let from = pod.revision.as_ref().and_then(|r| input.revisions.get(r));
+        let from = pod
+            .revision
+            .as_ref()
+            .and_then(|r| input.revisions.get_key_value(r));
+        // Comparing two templates is costly and the same few pairs recur for every instance.
         let in_place = spec.update.method == UpdateMethod::InPlaceIfPossible
-            && from.is_some_and(|f| in_place_compatible(&f.template, &to.template));
+            && from.is_some_and(|(from_name, from)| {
+                *compatible
+                    .entry((from_name.as_str(), to_name.as_str()))
+                    .or_insert_with(|| in_place_compatible(&from.template, &to.template))
+            });
         let out_of_service = pod.in_service == Some(false);
         if !out_of_service {
             if spec.update.paused {

@@ -69,20 +69,20 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
         .filter(|o| pods.get(o).and_then(|p| p.revision.as_deref()) == Some(input.update_revision))
         .count();
 
-    let mut by_revision: BTreeMap<String, BTreeSet<Ordinal>> = BTreeMap::new();
+    let mut by_revision: BTreeMap<&str, BTreeSet<Ordinal>> = BTreeMap::new();
     for (o, p) in pods {
         if let Some(r) = &p.revision {
-            by_revision.entry(r.clone()).or_default().insert(*o);
+            by_revision.entry(r.as_str()).or_default().insert(*o);
         }
     }
     let revisions = by_revision
         .iter()
         .map(|(name, set)| RevisionStatus {
-            name: name.clone(),
-            variant: input.variant_names.get(name).cloned(),
+            name: (*name).to_string(),
+            variant: input.variant_names.get(*name).cloned(),
             images: input
                 .revisions
-                .get(name)
+                .get(*name)
                 .map(Revision::images)
                 .unwrap_or_default(),
             count: i32::try_from(set.len()).unwrap_or(i32::MAX),

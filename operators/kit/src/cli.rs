@@ -59,6 +59,12 @@ pub struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "GANTRY_NAMESPACE")]
     pub namespace: Option<String>,
+    /// The least time between the starts of two reconciles of the same object, in
+    /// milliseconds. Changes arriving meanwhile are handled together by the next reconcile:
+    /// an object owning thousands of pods is planned a few times a second, not once per pod
+    /// change. 0 reconciles on every change.
+    #[arg(long, env = "GANTRY_RECONCILE_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub reconcile_interval_ms: u64,
     /// How long in-flight reconciles may take to finish after SIGTERM, in seconds.
     #[arg(long, env = "GANTRY_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 25)]
     pub shutdown_timeout_seconds: u64,
@@ -67,6 +73,10 @@ pub struct RunArgs {
 impl RunArgs {
     pub fn lease_duration(&self) -> Duration {
         Duration::from_secs(self.lease_duration_seconds)
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_millis(self.reconcile_interval_ms)
     }
 
     pub fn shutdown_timeout(&self) -> Duration {
@@ -145,6 +155,7 @@ mod tests {
         assert!(!args.leader_elect);
         assert_eq!(args.log_format, LogFormat::Text);
         assert_eq!(args.lease_duration(), Duration::from_secs(15));
+        assert_eq!(args.reconcile_interval(), Duration::from_millis(500));
         assert_eq!(args.namespace, None);
     }
 
@@ -160,6 +171,8 @@ mod tests {
             "json",
             "--metrics-addr",
             "127.0.0.1:9000",
+            "--reconcile-interval-ms",
+            "0",
         ];
         let bare = parse_ok(&[&["gantry-test"][..], &flags[..]].concat());
         let with_run = parse_ok(&[&["gantry-test", "run"][..], &flags[..]].concat());
@@ -172,6 +185,7 @@ mod tests {
         assert_eq!(args.namespace.as_deref(), Some("team-a"));
         assert_eq!(args.log_format, LogFormat::Json);
         assert_eq!(args.metrics_addr.port(), 9000);
+        assert!(args.reconcile_interval().is_zero());
     }
 
     #[test]
@@ -205,6 +219,14 @@ mod tests {
         )
         .expect_err("rejects");
         assert!(err.to_string().contains("lease-duration-seconds"), "{err}");
+        let err = parse(
+            "gantry-test",
+            "t",
+            "0",
+            ["gantry-test", "--reconcile-interval-ms", "90000"],
+        )
+        .expect_err("rejects");
+        assert!(err.to_string().contains("reconcile-interval-ms"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! reconcile function: a tracing span carrying the object's key, reconcile metrics, readiness
 //! once the cache has synced, graceful shutdown, and the shared error policy.
 //!
+//! Reconciles of one object are paced: one that finishes sooner than the runtime's reconcile
+//! interval after it started holds the object until the interval is over, so that the changes
+//! arriving meanwhile (an object owning thousands of pods sees many) are handled together by
+//! one reconcile that starts with fresh caches. The first reconcile after a quiet spell starts
+//! at once.
+//!
 //! The error policy: a transient error is retried after an exponential, jittered, capped
 //! backoff that grows per object and resets on the object's next success; a permanent error
 //! (an invalid spec) is not retried at all: the reconcile function is expected to have reported
@@ -140,6 +146,7 @@ where
         let started = Instant::now();
         let result = fut.await;
         let elapsed = started.elapsed();
+        let pause = shared.runtime.reconcile_interval().saturating_sub(elapsed);
         shared.runtime.metrics().reconcile.observe(
             shared.name,
             elapsed,
@@ -151,6 +158,12 @@ where
                 tracing::debug!(?action, ?elapsed, "reconciled");
             }
             Err(err) => tracing::debug!(error = %err, ?elapsed, "reconcile failed"),
+        }
+        if !pause.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = shared.runtime.shutdown_token().cancelled() => {}
+            }
         }
         result
     }

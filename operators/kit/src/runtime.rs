@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -58,6 +59,7 @@ struct Inner {
     metrics: Metrics,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
+    reconcile_interval: Duration,
 }
 
 impl Runtime {
@@ -90,6 +92,11 @@ impl Runtime {
 
     pub fn readiness(&self) -> &Arc<Readiness> {
         &self.inner.readiness
+    }
+
+    /// The least time between the starts of two reconciles of one object (`--reconcile-interval-ms`).
+    pub fn reconcile_interval(&self) -> Duration {
+        self.inner.reconcile_interval
     }
 
     /// Cancelled when the process has been asked to stop.
@@ -277,6 +284,7 @@ where
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             shutdown: shutdown.clone(),
+            reconcile_interval: args.reconcile_interval(),
         }),
     };
     let work = run(runtime);

@@ -43,6 +43,7 @@ spec:
             - --health-addr=0.0.0.0:{{ .Values.health.port }}
             - --log-format={{ .Values.logFormat }}
             - --log-level={{ .Values.logLevel }}
+            - --reconcile-interval-ms={{ .Values.reconcileIntervalMs }}
             - --shutdown-timeout-seconds={{ sub (int .Values.terminationGracePeriodSeconds) 5 }}
             {{- if include "gantry.leaderElect" . }}
             - --leader-elect

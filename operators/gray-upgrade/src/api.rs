@@ -292,6 +292,10 @@ pub struct HttpCheck {
     /// Port on the pod.
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+    /// `HTTP` or `HTTPS`. Like the kubelet's HTTPS probes, HTTPS does not check the
+    /// instance's certificate.
+    #[serde(default)]
+    pub scheme: Scheme,
     /// Address to connect to instead of the pod IP, for instances reached through a local
     /// proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -307,13 +311,26 @@ fn default_check_timeout() -> i32 {
     2
 }
 
+/// How an HTTP check connects.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum Scheme {
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    #[serde(rename = "HTTPS")]
+    Https,
+}
+
 /// A Prometheus query over the batch.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PrometheusCheck {
-    /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`.
+    /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`. An
+    /// `https://` URL must present a certificate the operator's system roots trust.
     #[schemars(length(min = 1, max = 1024))]
-    #[x_kube(validation = Rule::new("self.startsWith('http://')").message("address must be an http:// URL"))]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("address must be an http:// or https:// URL"))]
     pub address: String,
     /// PromQL giving one number. `$pods` is replaced by a regular expression matching the
     /// batch's pod names, e.g. `sum(rate(http_errors_total{pod=~"$pods"}[1m]))`.

@@ -187,3 +187,24 @@ fn mixed_versions_are_accepted() {
     ]}));
     assert_eq!(violations(&object), Vec::<String>::new());
 }
+
+#[test]
+fn health_checks_take_http_and_https_only() {
+    let health = |prometheus: &str, scheme: &str| {
+        app(json!({"update": {"health": {
+            "httpGet": {"path": "/healthz", "port": 8443, "scheme": scheme},
+            "prometheus": {"address": prometheus, "query": "up", "maxValue": 1.0}
+        }}}))
+    };
+    assert!(violations(&health("https://prometheus.monitoring:9091", "HTTPS")).is_empty());
+    assert!(violations(&health("http://prometheus.monitoring:9090", "HTTP")).is_empty());
+    assert_rejected(
+        &health("ftp://prometheus", "HTTP"),
+        "address must be an http:// or https:// URL",
+    );
+    // The schema's enum (enforced by the API server, not by this CEL-only check) limits the
+    // scheme.
+    let scheme = &schema()["properties"]["spec"]["properties"]["update"]["properties"]["health"]["properties"]
+        ["httpGet"]["properties"]["scheme"];
+    assert_eq!(scheme["enum"], json!(["HTTP", "HTTPS"]), "{scheme}");
+}

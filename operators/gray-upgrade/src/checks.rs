@@ -1,6 +1,6 @@
 //! The optional health checks: an HTTP GET per instance and a Prometheus query per batch.
-//! Plain HTTP/1.1 over a TCP stream: the checks need a status code or one number, and this
-//! keeps a full HTTP client out of the operator.
+//! One HTTP/1.1 request over a TCP stream, plain or TLS: the checks need a status code or one
+//! number, and this keeps a full HTTP client out of the operator.
 
 use std::time::Duration;
 
@@ -18,11 +18,36 @@ pub enum MetricVerdict {
     Unknown(String),
 }
 
-/// `http://host:port/prefix` into (host:port, prefix).
-pub fn split_address(address: &str) -> Result<(String, String), String> {
-    let rest = address
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{address}: only http:// is supported"))?;
+/// How a check's connection is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Plain,
+    /// TLS, with the server's certificate checked against the system's trusted roots.
+    Tls,
+    /// TLS without checking the certificate, as the kubelet does for HTTPS probes: instances
+    /// mostly serve certificates no public root vouches for.
+    TlsUnverified,
+}
+
+/// Where a URL points: how to connect, `host:port`, and the path prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub transport: Transport,
+    pub authority: String,
+    pub prefix: String,
+}
+
+/// `http://host:port/prefix` or `https://…` into an [`Endpoint`].
+pub fn split_address(address: &str) -> Result<Endpoint, String> {
+    let (transport, rest, default_port) = if let Some(rest) = address.strip_prefix("http://") {
+        (Transport::Plain, rest, 80)
+    } else if let Some(rest) = address.strip_prefix("https://") {
+        (Transport::Tls, rest, 443)
+    } else {
+        return Err(format!(
+            "{address}: only http:// and https:// are supported"
+        ));
+    };
     let (authority, prefix) = match rest.split_once('/') {
         Some((a, p)) => (a, format!("/{}", p.trim_end_matches('/'))),
         None => (rest, String::new()),
@@ -30,15 +55,29 @@ pub fn split_address(address: &str) -> Result<(String, String), String> {
     if authority.is_empty() {
         return Err(format!("{address}: no host"));
     }
-    let authority = if authority.contains(':') {
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+        && !authority.ends_with(']');
+    let authority = if has_port {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
-    Ok((
+    Ok(Endpoint {
+        transport,
         authority,
-        if prefix == "/" { String::new() } else { prefix },
-    ))
+        prefix: if prefix == "/" { String::new() } else { prefix },
+    })
+}
+
+/// `host:port`, with an IPv6 address in brackets.
+pub fn authority(host: &str, port: i32) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// Percent-encodes a query-string value.
@@ -97,34 +136,155 @@ pub fn judge(value: Result<f64, String>, max_value: f64) -> MetricVerdict {
     }
 }
 
-/// GET `path` from `authority` (host:port); the status code and body.
+/// GET `path` from `authority` (host:port) over `transport`; the status code and body.
 pub async fn http_get(
+    transport: Transport,
     authority: &str,
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: gantry-gray-upgrade\r\nConnection: close\r\n\r\n"
+    );
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(authority)
+        let stream = tokio::net::TcpStream::connect(authority)
             .await
             .map_err(|e| format!("connect {authority}: {e}"))?;
-        let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: gantry-gray-upgrade\r\nConnection: close\r\n\r\n"
-        );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        let mut response = Vec::new();
-        stream
-            .read_to_end(&mut response)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
+        let response = match transport {
+            Transport::Plain => send(stream, &request).await?,
+            Transport::Tls | Transport::TlsUnverified => {
+                let config = tls::config(transport == Transport::Tls)?;
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| format!("{host} cannot be a TLS server name: {e}"))?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS with {authority}: {e}"))?;
+                send(stream, &request).await?
+            }
+        };
         parse_response(&String::from_utf8_lossy(&response))
     };
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| format!("no answer from {authority} within {timeout:?}"))?
+}
+
+async fn send<S>(mut stream: S, request: &str) -> Result<Vec<u8>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut response = Vec::new();
+    match stream.read_to_end(&mut response).await {
+        Ok(_) => Ok(response),
+        // Servers often close TLS without a close_notify once the response is sent; what
+        // arrived is the whole answer when it parses.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {
+            Ok(response)
+        }
+        Err(e) => Err(format!("read: {e}")),
+    }
+}
+
+mod tls {
+    //! TLS client settings, built once.
+
+    use std::sync::{Arc, OnceLock};
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// Settings that check certificates against the system's roots, or that accept any.
+    pub fn config(verify: bool) -> Result<Arc<ClientConfig>, String> {
+        static VERIFIED: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
+        static UNVERIFIED: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
+        if verify {
+            VERIFIED.get_or_init(verified).clone()
+        } else {
+            UNVERIFIED.get_or_init(unverified).clone()
+        }
+    }
+
+    fn verified() -> Result<Arc<ClientConfig>, String> {
+        let mut roots = RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            return Err("no trusted root certificates found on this system".into());
+        }
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
+
+    fn unverified() -> Result<Arc<ClientConfig>, String> {
+        let provider = provider();
+        let verifier = AnyCertificate(provider.signature_verification_algorithms);
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
+
+    /// Accepts any certificate, while still checking that the server holds its key.
+    #[derive(Debug)]
+    struct AnyCertificate(WebPkiSupportedAlgorithms);
+
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_schemes()
+        }
+    }
 }
 
 /// Status code and body of an HTTP/1.x response (chunked bodies are de-chunked).
@@ -171,12 +331,16 @@ pub async fn prometheus(
     max_value: f64,
     timeout: Duration,
 ) -> MetricVerdict {
-    let (authority, prefix) = match split_address(address) {
-        Ok(parts) => parts,
+    let endpoint = match split_address(address) {
+        Ok(endpoint) => endpoint,
         Err(why) => return MetricVerdict::Unknown(why),
     };
-    let path = format!("{prefix}/api/v1/query?query={}", encode_query(query));
-    let answer = http_get(&authority, &path, timeout)
+    let path = format!(
+        "{}/api/v1/query?query={}",
+        endpoint.prefix,
+        encode_query(query)
+    );
+    let answer = http_get(endpoint.transport, &endpoint.authority, &path, timeout)
         .await
         .and_then(|(code, body)| {
             if (200..300).contains(&code) {
@@ -194,16 +358,41 @@ mod tests {
 
     #[test]
     fn addresses() {
+        let endpoint = |transport, authority: &str, prefix: &str| {
+            Ok(Endpoint {
+                transport,
+                authority: authority.into(),
+                prefix: prefix.into(),
+            })
+        };
         assert_eq!(
             split_address("http://prom:9090"),
-            Ok(("prom:9090".into(), String::new()))
+            endpoint(Transport::Plain, "prom:9090", "")
         );
         assert_eq!(
             split_address("http://prom/sub/"),
-            Ok(("prom:80".into(), "/sub".into()))
+            endpoint(Transport::Plain, "prom:80", "/sub")
         );
-        assert!(split_address("https://prom").is_err());
+        assert_eq!(
+            split_address("https://prom.example"),
+            endpoint(Transport::Tls, "prom.example:443", "")
+        );
+        assert_eq!(
+            split_address("https://[fd00::1]/p"),
+            endpoint(Transport::Tls, "[fd00::1]:443", "/p")
+        );
+        assert_eq!(
+            split_address("https://[fd00::1]:9443"),
+            endpoint(Transport::Tls, "[fd00::1]:9443", "")
+        );
+        assert!(
+            split_address("ftp://prom")
+                .expect_err("unsupported")
+                .contains("http://")
+        );
         assert!(split_address("http://").is_err());
+        assert_eq!(authority("10.0.0.1", 80), "10.0.0.1:80");
+        assert_eq!(authority("fd00::1", 80), "[fd00::1]:80");
     }
 
     #[test]
@@ -282,7 +471,13 @@ mod tests {
             }
         });
         assert_eq!(
-            http_get(&addr.to_string(), "/healthz", Duration::from_secs(2)).await,
+            http_get(
+                Transport::Plain,
+                &addr.to_string(),
+                "/healthz",
+                Duration::from_secs(2)
+            )
+            .await,
             Ok((503, "down".into()))
         );
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -291,9 +486,81 @@ mod tests {
         let gone = closed.local_addr().expect("addr");
         drop(closed);
         assert!(
-            http_get(&gone.to_string(), "/", Duration::from_secs(2))
-                .await
-                .is_err()
+            http_get(
+                Transport::Plain,
+                &gone.to_string(),
+                "/",
+                Duration::from_secs(2)
+            )
+            .await
+            .is_err()
+        );
+    }
+
+    /// A TLS listener with a self-signed certificate for `localhost` that answers 200 once
+    /// per connection.
+    async fn tls_listener() -> std::net::SocketAddr {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("self-signed");
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        let mut buf = [0u8; 1024];
+                        let _ = tls.read(&mut buf).await;
+                        let _ = tls
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await;
+                        let _ = tls.shutdown().await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn https_checks_skip_verification_only_when_told() {
+        let addr = tls_listener().await;
+        let authority = format!("localhost:{}", addr.port());
+        assert_eq!(
+            http_get(
+                Transport::TlsUnverified,
+                &authority,
+                "/healthz",
+                Duration::from_secs(5)
+            )
+            .await,
+            Ok((200, "ok".into())),
+            "an instance's self-signed certificate is accepted"
+        );
+        let verified = http_get(Transport::Tls, &authority, "/", Duration::from_secs(5)).await;
+        let why = verified.expect_err("a self-signed certificate is not trusted");
+        assert!(why.contains("TLS") || why.contains("certificate"), "{why}");
+        let plain = http_get(Transport::Plain, &authority, "/", Duration::from_secs(5)).await;
+        assert!(
+            plain.is_err(),
+            "plain HTTP to a TLS port gets no HTTP answer"
         );
     }
 }

@@ -24,9 +24,9 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 
 use crate::api::{
-    ANNOTATION_ABORT, ANNOTATION_APPROVE, GrayApp, GrayAppStatus, LABEL_APP, RolloutPhase,
+    ANNOTATION_ABORT, ANNOTATION_APPROVE, GrayApp, GrayAppStatus, LABEL_APP, RolloutPhase, Scheme,
 };
-use crate::checks::{self, MetricVerdict};
+use crate::checks::{self, MetricVerdict, Transport};
 use crate::metrics::{GrayMetrics, RevisionLabels};
 use crate::model::{Instances, Ordinal, PodView};
 use crate::objects;
@@ -330,10 +330,15 @@ async fn run_checks(
             .iter()
             .map(|p| async move {
                 let host = check.host.clone().or_else(|| p.ip.clone());
+                let transport = match check.scheme {
+                    Scheme::Http => Transport::Plain,
+                    Scheme::Https => Transport::TlsUnverified,
+                };
                 let verdict = match host {
                     None => Err("the pod has no IP".to_string()),
                     Some(host) => match checks::http_get(
-                        &format!("{host}:{}", check.port),
+                        transport,
+                        &checks::authority(&host, check.port),
                         &check.path,
                         timeout,
                     )

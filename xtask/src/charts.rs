@@ -110,6 +110,7 @@ fn check_chart(helm: &Path, chart: &Path) -> anyhow::Result<()> {
         "logFormat=xml",
         "image.pullPolicy=Sometimes",
         "watchNamespace=Not_A_Namespace",
+        "reconcileIntervalMs=-1",
     ] {
         if render(helm, chart, &[bad]).is_ok() {
             bail!("values {bad:?} were accepted; values.schema.json must reject them");

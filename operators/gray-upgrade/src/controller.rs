@@ -10,7 +10,7 @@ use futures::StreamExt;
 use gantry_kit::apply::apply_status;
 use gantry_kit::controller::cache_ready;
 use gantry_kit::error::{classify_kube_error, kube_error_metric_reason};
-use gantry_kit::index::OwnedIndex;
+use gantry_kit::index::{OwnedIndex, controller_uid};
 use gantry_kit::runtime::Runtime;
 use gantry_kit::{ErrorClass, ReconcileError};
 use k8s_openapi::api::apps::v1::ControllerRevision;
@@ -160,14 +160,6 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
         return Err(Error::CacheStopped);
     }
     let uid = app.uid().unwrap_or_default();
-    let owned_by_app = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        meta.namespace.as_deref() == Some(namespace.as_str())
-            && meta
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.uid == uid && o.controller == Some(true))
-    };
     let pods: Instances = ctx
         .pods
         .owned_by(&uid)
@@ -178,7 +170,7 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
         .revisions
         .state()
         .into_iter()
-        .filter(|r| owned_by_app(&r.metadata))
+        .filter(|r| controller_uid(r.as_ref()) == Some(uid.as_str()))
         .collect();
     let mut revisions: BTreeMap<String, Revision> = stored
         .iter()

@@ -11,7 +11,7 @@
 //! built, not even for a moment.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use futures::{Stream, TryStreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
@@ -136,11 +136,7 @@ fn key_of<K: Resource>(object: &K) -> (String, String) {
 impl<V> OwnedIndex<V> {
     /// The projections of the objects `owner_uid` controls, in name order.
     pub fn owned_by(&self, owner_uid: &str) -> Vec<Arc<V>> {
-        let state = self
-            .shared
-            .state
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let state = self.read();
         state
             .live
             .by_owner
@@ -151,11 +147,7 @@ impl<V> OwnedIndex<V> {
 
     /// How many objects are filed.
     pub fn len(&self) -> usize {
-        let state = self
-            .shared
-            .state
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let state = self.read();
         state.live.len()
     }
 
@@ -178,17 +170,17 @@ impl<V> OwnedIndex<V> {
     /// Files one watch event: `project` gives what to keep of an object, `None` to keep nothing.
     /// Objects without a controlling owner are not kept.
     pub fn apply<K: Resource>(&self, event: &Event<K>, project: impl Fn(&K) -> Option<V>) {
-        let filed = |object: &K| (key_of(object), controller_uid(object).map(str::to_owned));
-        let mut state = self
-            .shared
-            .state
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        // Objects are projected before the lock is taken, so that readers never wait on it.
+        let filed = |object: &K| {
+            let owner = controller_uid(object).map(str::to_owned);
+            let value = owner.as_ref().and_then(|_| project(object));
+            (key_of(object), owner, value)
+        };
         match event {
-            Event::Init => state.relisting = Some(Entries::default()),
+            Event::Init => self.write().relisting = Some(Entries::default()),
             Event::InitApply(object) => {
-                let (key, owner) = filed(object);
-                let value = owner.as_ref().and_then(|_| project(object));
+                let (key, owner, value) = filed(object);
+                let mut state = self.write();
                 let state = &mut *state;
                 state
                     .relisting
@@ -197,19 +189,34 @@ impl<V> OwnedIndex<V> {
                     .upsert(key, owner, value);
             }
             Event::InitDone => {
-                if let Some(complete) = state.relisting.take() {
-                    state.live = complete;
+                {
+                    let mut state = self.write();
+                    if let Some(complete) = state.relisting.take() {
+                        state.live = complete;
+                    }
                 }
-                drop(state);
                 self.shared.synced.send_replace(true);
             }
             Event::Apply(object) => {
-                let (key, owner) = filed(object);
-                let value = owner.as_ref().and_then(|_| project(object));
-                state.live.upsert(key, owner, value);
+                let (key, owner, value) = filed(object);
+                self.write().live.upsert(key, owner, value);
             }
-            Event::Delete(object) => state.live.remove(&key_of(object)),
+            Event::Delete(object) => self.write().live.remove(&key_of(object)),
         }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State<V>> {
+        self.shared
+            .state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State<V>> {
+        self.shared
+            .state
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 

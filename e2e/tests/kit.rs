@@ -5,9 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use futures::StreamExt;
 use gantry_e2e::testing::{TestEnv, wait_for};
-use gantry_kit::events::Events;
+use gantry_kit::events::{EventType, Events, Reason};
 use gantry_kit::index;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use k8s_openapi::api::events::v1::Event;
@@ -40,6 +39,21 @@ fn config_map(name: &str, owner: Option<&ConfigMap>, value: &str) -> ConfigMap {
     }
 }
 
+#[derive(Clone, Copy)]
+struct Probed(EventType);
+
+impl Reason for Probed {
+    fn reason(self) -> &'static str {
+        "Probed"
+    }
+    fn event_type(self) -> EventType {
+        self.0
+    }
+    fn action(self) -> &'static str {
+        "Probe"
+    }
+}
+
 #[tokio::test]
 async fn events_fold_repeats_into_a_series_and_keep_different_notes_apart() -> Result<()> {
     let env = TestEnv::new("kit-events").await?;
@@ -51,11 +65,11 @@ async fn events_fold_repeats_into_a_series_and_keep_different_notes_apart() -> R
     let events = Events::new(env.client.clone(), "gantry-test", Some("test-0".into()));
     for _ in 0..3 {
         events
-            .normal(&regarding, "Probed", "Probe", "the same note")
+            .publish(&regarding, Probed(EventType::Normal), "the same note")
             .await;
     }
     events
-        .warning(&regarding, "Probed", "Probe", "a different note")
+        .publish(&regarding, Probed(EventType::Warning), "a different note")
         .await;
 
     let written: Api<Event> = env.api();
@@ -105,15 +119,16 @@ async fn the_owned_index_follows_a_real_watch() -> Result<()> {
         .await?;
     }
 
-    let (index, changes) = index::watch(
+    let (index, fill) = index::watch(
         maps.clone(),
         watcher::Config::default().labels("kit-test=yes"),
+        index::by_controller,
         |cm: &ConfigMap| cm.data.as_ref()?.get("v").cloned(),
     );
-    let driver = tokio::spawn(changes.for_each(|_| async {}));
-    let values = |index: &index::OwnedIndex<String>| -> Vec<String> {
+    let driver = tokio::spawn(fill);
+    let values = |index: &index::Index<String>| -> Vec<String> {
         index
-            .owned_by(&owner_uid)
+            .get(&owner_uid)
             .iter()
             .map(|v| v.to_string())
             .collect()

@@ -18,12 +18,20 @@ pub struct Operator {
 }
 
 /// Every operator whose CRDs are generated. Add a line when an operator gains CRDs.
-pub const OPERATORS: &[Operator] = &[Operator {
-    package: "gantry-gray-upgrade",
-    binary: "gantry-gray-upgrade",
-    stem: "gray-upgrade",
-    chart: "gray-upgrade",
-}];
+pub const OPERATORS: &[Operator] = &[
+    Operator {
+        package: "gantry-gray-upgrade",
+        binary: "gantry-gray-upgrade",
+        stem: "gray-upgrade",
+        chart: "gray-upgrade",
+    },
+    Operator {
+        package: "gantry-kit",
+        binary: "gantry-noop",
+        stem: "noop",
+        chart: "noop",
+    },
+];
 
 /// Directories whose generated contents [`plan`] owns completely: any other YAML file found
 /// there is stale.

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gantry_kit::apply::apply_status;
-use gantry_kit::controller::cache_ready;
+use gantry_kit::cache::Cache;
 use gantry_kit::error::{classify_kube_error, kube_error_metric_reason};
-use gantry_kit::index::{OwnedIndex, controller_uid};
+use gantry_kit::index::{Index, controller_uid};
 use gantry_kit::runtime::Runtime;
 use gantry_kit::{ErrorClass, ReconcileError};
 use k8s_openapi::api::apps::v1::ControllerRevision;
@@ -19,8 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 
 use crate::api::{
@@ -31,7 +30,8 @@ use crate::metrics::{GrayMetrics, RevisionLabels};
 use crate::model::{Instances, Ordinal, PodView};
 use crate::objects;
 use crate::observe::{LeanPod, pod_view};
-use crate::plan::{self, Action, DeleteReason, Input, Plan};
+use crate::plan::{self, Action, DeleteReason, Input, NoteReason, Plan};
+use crate::reasons::{InvalidSpec, Step, UpgradeOutcome};
 use crate::revision::{Revision, Wanted};
 use crate::status::{self, StatusInput};
 
@@ -44,8 +44,6 @@ pub enum Error {
     NoNamespace,
     #[error("Kubernetes API error: {0}")]
     Kube(#[from] kube::Error),
-    #[error("the pod cache stopped")]
-    CacheStopped,
 }
 
 impl ReconcileError for Error {
@@ -53,7 +51,6 @@ impl ReconcileError for Error {
         match self {
             Error::InvalidSpec(_) | Error::NoNamespace => ErrorClass::Permanent,
             Error::Kube(err) => classify_kube_error(err),
-            Error::CacheStopped => ErrorClass::Transient,
         }
     }
 
@@ -62,7 +59,6 @@ impl ReconcileError for Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::NoNamespace => "NoNamespace",
             Error::Kube(err) => kube_error_metric_reason(err),
-            Error::CacheStopped => "CacheStopped",
         }
     }
 }
@@ -71,8 +67,8 @@ impl ReconcileError for Error {
 pub struct Context {
     pub runtime: Runtime,
     /// Each app's instances, filed under the app's UID.
-    pub pods: OwnedIndex<PodView>,
-    pub revisions: Store<ControllerRevision>,
+    pub pods: Index<PodView>,
+    pub revisions: Cache<ControllerRevision>,
     pub metrics: GrayMetrics,
 }
 
@@ -86,27 +82,30 @@ pub async fn run(runtime: Runtime) {
         return;
     };
     let owned = watcher::Config::default().labels(LABEL_APP);
-    // Every instance's pod is cached, as the planner's compact view of it.
-    let (pods, pod_events) = runtime.owned_index(runtime.api::<LeanPod>(), owned.clone(), pod_view);
-    let (revisions, revision_writer) = reflector::store();
-    let revision_events = reflector::reflector(
-        revision_writer,
-        watcher(runtime.api::<ControllerRevision>(), owned),
-    )
-    .default_backoff()
-    .touched_objects();
-    let controller = Controller::new(runtime.api::<GrayApp>(), watcher::Config::default())
-        .owns_stream(pod_events)
-        .owns_stream(revision_events);
+    // Every instance's pod is cached, as the planner's compact view of it. The caches are kept
+    // on every replica, so a standby takes over with them warm.
+    let pods = runtime.owned_index(
+        "grayapp pods",
+        runtime.api::<LeanPod>(),
+        owned.clone(),
+        pod_view,
+    );
+    let revisions = runtime.cache(
+        "grayapp revisions",
+        runtime.api::<ControllerRevision>(),
+        owned,
+    );
+    let controller = runtime
+        .controller::<GrayApp>("grayapp", watcher::Config::default())
+        .owns(pods.changes())
+        .owns(revisions.changes());
     let context = Arc::new(Context {
         runtime: runtime.clone(),
         pods,
         revisions,
         metrics: gray_metrics,
     });
-    runtime
-        .run_controller("grayapp", controller, context, reconcile)
-        .await;
+    controller.run(context, reconcile).await;
 }
 
 fn now() -> (i64, Time) {
@@ -119,10 +118,23 @@ fn wanted_revisions(app: &GrayApp) -> Result<Wanted, Error> {
 }
 
 fn validate(app: &GrayApp) -> Result<(), Error> {
-    if !objects::selector_matches_template(app) {
-        return Err(Error::InvalidSpec(
-            "spec.selector does not match the labels of spec.template".into(),
-        ));
+    match objects::selector_matches_template(app) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(Error::InvalidSpec(
+                "spec.selector does not match the labels of spec.template".into(),
+            ));
+        }
+        Err(why) => return Err(Error::InvalidSpec(format!("spec.selector: {why}"))),
+    }
+    for (index, batch) in app.spec.update.batches.iter().enumerate() {
+        if let Some(selector) = &batch.selector
+            && let Err(why) = gantry_kit::selector::parse(selector)
+        {
+            return Err(Error::InvalidSpec(format!(
+                "spec.update.batches[{index}].selector: {why}"
+            )));
+        }
     }
     if app
         .spec
@@ -156,13 +168,11 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
 
     // Dereference from the caches.
     ctx.pods.synced().await;
-    if !cache_ready(&ctx.revisions).await {
-        return Err(Error::CacheStopped);
-    }
+    ctx.revisions.synced().wait().await;
     let uid = app.uid().unwrap_or_default();
     let pods: Instances = ctx
         .pods
-        .owned_by(&uid)
+        .get(&uid)
         .into_iter()
         .map(|v| (v.ordinal, v))
         .collect();
@@ -235,7 +245,7 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
     // Futures are made as slots free up: each is several kilobytes, and scaling up plans
     // thousands of creations at once. (By index: a closure over `&Action` trips the compiler's
     // higher-ranked lifetime check for `Send`.)
-    let results: Vec<(Ordinal, Result<Option<&'static str>, Error>)> = {
+    let results: Vec<(Ordinal, Result<Option<Step>, Error>)> = {
         let (app, namespace, revisions, pods, ctx, now_t) =
             (&*app, &namespace, &revisions, &pods, &ctx, &now_t);
         let actions = &plan.actions;
@@ -252,18 +262,10 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
     record_steps(&app, &ctx, &name, &results).await;
 
     for note in &plan.notes {
-        let regarding = app.object_ref(&());
-        if note.warning {
-            ctx.runtime
-                .events()
-                .warning(&regarding, note.reason, "Rollout", note.message.clone())
-                .await;
-        } else {
-            ctx.runtime
-                .events()
-                .normal(&regarding, note.reason, "Rollout", note.message.clone())
-                .await;
-        }
+        ctx.runtime
+            .events()
+            .publish(&app.object_ref(&()), note.reason, note.message.clone())
+            .await;
         record_note_metrics(&ctx.metrics, note.reason, &previous, now_s);
     }
 
@@ -433,16 +435,11 @@ async fn report_invalid(
     if previous
         .conditions
         .iter()
-        .all(|c| c.reason != "InvalidSpec")
+        .all(|c| c.reason != InvalidSpec::REASON)
     {
         ctx.runtime
             .events()
-            .warning(
-                &app.object_ref(&()),
-                "InvalidSpec",
-                "Validate",
-                why.to_string(),
-            )
+            .publish(&app.object_ref(&()), InvalidSpec, why.to_string())
             .await;
     }
     write_status(apps, &name, ctx, previous, status).await
@@ -465,7 +462,7 @@ async fn execute(
     ctx: &Context,
     now_s: i64,
     now_t: &Time,
-) -> Result<Option<&'static str>, Error> {
+) -> Result<Option<Step>, Error> {
     let client = ctx.runtime.client().clone();
     // Writes read back the lean form: the response to every patch is a whole pod.
     let pod_api: Api<LeanPod> = Api::namespaced(client.clone(), namespace);
@@ -496,7 +493,7 @@ async fn execute(
                 Err(err) => return Err(err.into()),
             };
             (
-                "InstanceCreated",
+                Step::Created,
                 format!("created {pod_name} at {revision}"),
                 created.unwrap_or_default(),
             )
@@ -515,18 +512,17 @@ async fn execute(
                 Err(err) => return Err(err.into()),
             }
             let (reason, why) = match reason {
-                DeleteReason::ScaleDown => ("InstanceRemoved", "scaled down"),
+                DeleteReason::ScaleDown => (Step::Removed, "scaled down"),
                 DeleteReason::Recreate => {
-                    ctx.metrics.count("started");
+                    ctx.metrics.count(UpgradeOutcome::Started);
                     (
-                        "InstanceRecreating",
+                        Step::Recreating,
                         "the change cannot happen in place; it comes back under the same name",
                     )
                 }
-                DeleteReason::Replace => (
-                    "InstanceReplaced",
-                    "its pod terminated; a new one replaces it",
-                ),
+                DeleteReason::Replace => {
+                    (Step::Replaced, "its pod terminated; a new one replaces it")
+                }
             };
             (reason, format!("deleted {pod_name}: {why}"), uid.clone())
         }
@@ -540,7 +536,7 @@ async fn execute(
             );
             set_gate(&pod_api, &pod_name, gate, ctx).await?;
             (
-                "InstanceOutOfService",
+                Step::OutOfService,
                 format!("{pod_name} taken out of service for its update"),
                 uid.clone(),
             )
@@ -556,14 +552,14 @@ async fn execute(
             pod_api
                 .patch(&pod_name, &pod_params(ctx), &Patch::Strategic(patch))
                 .await?;
-            ctx.metrics.count("started");
+            ctx.metrics.count(UpgradeOutcome::Started);
             let list = images
                 .iter()
                 .map(|(c, i)| format!("{c}={i}"))
                 .collect::<Vec<_>>()
                 .join(", ");
             (
-                "InstanceUpdating",
+                Step::Updating,
                 format!("{pod_name} updating in place to {revision} ({list})"),
                 uid.clone(),
             )
@@ -576,20 +572,20 @@ async fn execute(
                 && let Some(record) = pod.record.as_ref()
                 && pod.revision.as_ref() == Some(&record.revision)
             {
-                ctx.metrics.count("succeeded");
+                ctx.metrics.count(UpgradeOutcome::Succeeded);
                 ctx.metrics
                     .in_place_seconds
                     .observe((now_s - record.patched_at).max(0) as f64);
             }
             (
-                "InstanceInService",
+                Step::InService,
                 format!("{pod_name} back in service"),
                 uid.clone(),
             )
         }
     };
     let pod_ref = objects::pod_reference(app, action.ordinal(), &uid);
-    events.normal(&pod_ref, reason, "Upgrade", note).await;
+    events.publish(&pod_ref, reason, note).await;
     Ok(Some(reason))
 }
 
@@ -613,12 +609,12 @@ async fn record_steps(
     app: &GrayApp,
     ctx: &Context,
     name: &str,
-    results: &[(Ordinal, Result<Option<&'static str>, Error>)],
+    results: &[(Ordinal, Result<Option<Step>, Error>)],
 ) {
-    let mut by_reason: BTreeMap<&'static str, Vec<Ordinal>> = BTreeMap::new();
+    let mut by_reason: BTreeMap<Step, Vec<Ordinal>> = BTreeMap::new();
     for (ordinal, result) in results {
         if let Ok(Some(reason)) = result {
-            by_reason.entry(reason).or_default().push(*ordinal);
+            by_reason.entry(*reason).or_default().push(*ordinal);
         }
     }
     for (reason, mut ordinals) in by_reason {
@@ -632,26 +628,11 @@ async fn record_steps(
         if ordinals.len() > LISTED {
             names.push(format!("and {} more", ordinals.len() - LISTED));
         }
-        let note = format!("{}: {}", step_phrase(reason), names.join(", "));
+        let note = format!("{}: {}", reason.phrase(), names.join(", "));
         ctx.runtime
             .events()
-            .normal(&app.object_ref(&()), reason, "Upgrade", note)
+            .publish(&app.object_ref(&()), reason, note)
             .await;
-    }
-}
-
-fn step_phrase(reason: &str) -> &'static str {
-    match reason {
-        "InstanceCreated" => "created",
-        "InstanceRemoved" => "removed (scaled down)",
-        "InstanceRecreating" => {
-            "recreating under the same names (the change cannot happen in place)"
-        }
-        "InstanceReplaced" => "replaced terminated pods",
-        "InstanceOutOfService" => "taken out of service for their update",
-        "InstanceUpdating" => "updating in place",
-        "InstanceInService" => "back in service",
-        _ => "changed",
     }
 }
 
@@ -663,22 +644,24 @@ fn ignore_exists<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
     }
 }
 
-fn record_note_metrics(metrics: &GrayMetrics, reason: &str, previous: &GrayAppStatus, now: i64) {
-    match reason {
-        "InstanceFailed" => metrics.count("failed"),
-        "RolledBack" => metrics.count("rolled_back"),
-        "BatchPromoted" | "RolloutCompleted" | "AwaitingApproval" => {
-            if let Some(started) = previous
-                .rollout
-                .as_ref()
-                .and_then(|r| r.batch_started_at.as_ref())
-            {
-                metrics
-                    .batch_seconds
-                    .observe((now - started.0.as_second()).max(0) as f64);
-            }
-        }
-        _ => {}
+fn record_note_metrics(
+    metrics: &GrayMetrics,
+    reason: NoteReason,
+    previous: &GrayAppStatus,
+    now: i64,
+) {
+    if let Some(outcome) = reason.outcome() {
+        metrics.count(outcome);
+    }
+    if reason.ends_batch()
+        && let Some(started) = previous
+            .rollout
+            .as_ref()
+            .and_then(|r| r.batch_started_at.as_ref())
+    {
+        metrics
+            .batch_seconds
+            .observe((now - started.0.as_second()).max(0) as f64);
     }
 }
 

@@ -9,6 +9,7 @@ pub mod objects;
 pub mod observe;
 pub mod plan;
 pub mod plugin;
+pub mod reasons;
 pub mod revision;
 pub mod status;
 

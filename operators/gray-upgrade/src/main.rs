@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use gantry_kit::cli::NoArgs;
 use gantry_kit::runtime::{self, OperatorInfo, Runtime};
 
 const INFO: OperatorInfo = OperatorInfo {
@@ -17,7 +18,7 @@ fn crds()
     vec![gray_upgrade::api::crd()]
 }
 
-async fn run(runtime: Runtime) -> Result<(), std::convert::Infallible> {
+async fn run(runtime: Runtime, _: NoArgs) -> Result<(), std::convert::Infallible> {
     gray_upgrade::controller::run(runtime).await;
     Ok(())
 }

@@ -7,6 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::reasons::UpgradeOutcome;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RevisionLabels {
     pub namespace: String,
@@ -16,8 +18,7 @@ pub struct RevisionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// started, succeeded, failed or rolled_back.
-    pub outcome: &'static str,
+    pub outcome: UpgradeOutcome,
 }
 
 #[derive(Clone)]
@@ -61,7 +62,7 @@ impl GrayMetrics {
         metrics
     }
 
-    pub fn count(&self, outcome: &'static str) {
+    pub fn count(&self, outcome: UpgradeOutcome) {
         self.upgrades
             .get_or_create(&OutcomeLabels { outcome })
             .inc();

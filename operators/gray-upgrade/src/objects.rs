@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use gantry_kit::selector::SelectorError;
 use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodReadinessGate, Volume,
@@ -168,7 +169,7 @@ pub fn gate_patch(uid: &str, in_service: bool, reason: &str, message: &str, now:
 
 /// Whether the template's labels satisfy the selector's matchLabels (admission cannot check
 /// this across fields, so the operator reports it as an invalid spec).
-pub fn selector_matches_template(app: &GrayApp) -> bool {
+pub fn selector_matches_template(app: &GrayApp) -> Result<bool, SelectorError> {
     let labels = app
         .spec
         .template
@@ -176,12 +177,8 @@ pub fn selector_matches_template(app: &GrayApp) -> bool {
         .as_ref()
         .and_then(|m| m.labels.clone())
         .unwrap_or_default();
-    app.spec
-        .selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v))
+    let selector = gantry_kit::selector::parse(&app.spec.selector)?;
+    Ok(gantry_kit::selector::matches(&selector, &labels))
 }
 
 /// The app's revision object reference, for events that concern a pod as well.
@@ -272,8 +269,29 @@ mod tests {
     #[test]
     fn selector_must_match_template() {
         let mut app = app();
-        assert!(selector_matches_template(&app));
+        assert_eq!(selector_matches_template(&app), Ok(true));
         app.spec.selector.match_labels = Some([("app".to_string(), "other".to_string())].into());
-        assert!(!selector_matches_template(&app));
+        assert_eq!(selector_matches_template(&app), Ok(false));
+    }
+
+    #[test]
+    fn selector_expressions_count_against_the_template() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+        let mut app = app();
+        let requirement = |operator: &str, values: Option<Vec<String>>| LabelSelectorRequirement {
+            key: "tier".into(),
+            operator: operator.into(),
+            values,
+        };
+        app.spec.selector.match_expressions = Some(vec![requirement("Exists", None)]);
+        assert_eq!(
+            selector_matches_template(&app),
+            Ok(false),
+            "the template has no tier"
+        );
+        app.spec.selector.match_expressions = Some(vec![requirement("DoesNotExist", None)]);
+        assert_eq!(selector_matches_template(&app), Ok(true));
+        app.spec.selector.match_expressions = Some(vec![requirement("In", None)]);
+        assert!(selector_matches_template(&app).is_err(), "In needs values");
     }
 }

@@ -106,9 +106,55 @@ pub enum DeleteReason {
 /// Something worth an Event on the app.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Note {
-    pub warning: bool,
-    pub reason: &'static str,
+    pub reason: NoteReason,
     pub message: String,
+}
+
+/// What a note on the app reports. Whether it is a warning is part of the reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NoteReason {
+    RolloutStarted,
+    RolloutResumed,
+    RolloutAborted,
+    BatchStarted,
+    InstanceFailed,
+    BatchFailed,
+    RevisionMissing,
+    RolledBack,
+    RolloutCompleted,
+    AwaitingApproval,
+    BatchPromoted,
+}
+
+impl NoteReason {
+    /// The event reason, as `kubectl describe` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoteReason::RolloutStarted => "RolloutStarted",
+            NoteReason::RolloutResumed => "RolloutResumed",
+            NoteReason::RolloutAborted => "RolloutAborted",
+            NoteReason::BatchStarted => "BatchStarted",
+            NoteReason::InstanceFailed => "InstanceFailed",
+            NoteReason::BatchFailed => "BatchFailed",
+            NoteReason::RevisionMissing => "RevisionMissing",
+            NoteReason::RolledBack => "RolledBack",
+            NoteReason::RolloutCompleted => "RolloutCompleted",
+            NoteReason::AwaitingApproval => "AwaitingApproval",
+            NoteReason::BatchPromoted => "BatchPromoted",
+        }
+    }
+
+    /// Whether it needs a person's attention.
+    pub fn is_warning(self) -> bool {
+        matches!(
+            self,
+            NoteReason::RolloutAborted
+                | NoteReason::InstanceFailed
+                | NoteReason::BatchFailed
+                | NoteReason::RevisionMissing
+                | NoteReason::RolledBack
+        )
+    }
 }
 
 /// What to do now.
@@ -180,28 +226,6 @@ fn last_known_revisions(status: &GrayAppStatus) -> BTreeMap<Ordinal, &str> {
         .collect()
 }
 
-fn label_selector_matches(
-    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    let labels_match = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let expressions_match = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    labels_match && expressions_match
-}
-
 /// Lookups the instance loop makes for every instance, built once per plan.
 struct Sets {
     desired: BTreeSet<Ordinal>,
@@ -237,12 +261,8 @@ struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    fn note(&mut self, warning: bool, reason: &'static str, message: String) {
-        self.notes.push(Note {
-            warning,
-            reason,
-            message,
-        });
+    fn note(&mut self, reason: NoteReason, message: String) {
+        self.notes.push(Note { reason, message });
     }
 
     fn requeue_in(&mut self, seconds: Seconds) {
@@ -313,8 +333,7 @@ impl<'a> Planner<'a> {
                     .map_or_else(|| "nothing".to_string(), |r| r.revision.clone());
                 if previous.is_some() {
                     self.note(
-                        false,
-                        "RolloutStarted",
+                        NoteReason::RolloutStarted,
                         format!(
                             "rolling out {} (was {from}) in {total} batch(es)",
                             input.update_revision
@@ -347,8 +366,7 @@ impl<'a> Planner<'a> {
             rollout.batch_started_at = None;
             rollout.healthy_since = None;
             self.note(
-                false,
-                "RolloutResumed",
+                NoteReason::RolloutResumed,
                 format!(
                     "batch {} added to the rollout of {}",
                     rollout.batch + 1,
@@ -365,8 +383,7 @@ impl<'a> Planner<'a> {
             rollout.phase = RolloutPhase::RollingBack;
             rollout.aborted = true;
             self.note(
-                true,
-                "RolloutAborted",
+                NoteReason::RolloutAborted,
                 format!(
                     "rollout of {} aborted; returning its instances to their previous revisions",
                     rollout.revision
@@ -410,11 +427,15 @@ fn select(batch: Option<&Batch>, outdated: Vec<Ordinal>, pods: &Instances) -> Ve
             .collect();
     }
     if let Some(selector) = &batch.selector {
+        // The controller refuses a spec whose selectors do not parse; none matches nothing.
+        let Ok(selector) = gantry_kit::selector::parse(selector) else {
+            return Vec::new();
+        };
         return outdated
             .into_iter()
             .filter(|o| {
                 pods.get(o)
-                    .is_some_and(|p| label_selector_matches(selector, &p.labels))
+                    .is_some_and(|p| gantry_kit::selector::matches(&selector, &p.labels))
             })
             .collect();
     }
@@ -493,8 +514,7 @@ pub fn plan(input: &Input) -> Plan {
             }
             let names: Vec<String> = members.iter().map(ToString::to_string).collect();
             planner.note(
-                false,
-                "BatchStarted",
+                NoteReason::BatchStarted,
                 format!(
                     "batch {}/{total} of {}: instances [{}]",
                     index + 1,
@@ -569,8 +589,7 @@ pub fn plan(input: &Input) -> Plan {
                         "not Ready within the progress deadline".to_string()
                     };
                     planner.note(
-                        true,
-                        "InstanceFailed",
+                        NoteReason::InstanceFailed,
                         format!("instance {m} on {} {why}", rollout.revision),
                     );
                 } else if !too_slow {
@@ -604,7 +623,7 @@ pub fn plan(input: &Input) -> Plan {
                 "batch {} failed its Prometheus check: {why}",
                 rollout.batch + 1
             );
-            planner.note(true, "BatchFailed", rollout.message.clone());
+            planner.note(NoteReason::BatchFailed, rollout.message.clone());
             rollout.phase = match health.on_failure {
                 FailurePolicy::Rollback => RolloutPhase::RollingBack,
                 FailurePolicy::Pause => RolloutPhase::Failed,
@@ -623,7 +642,7 @@ pub fn plan(input: &Input) -> Plan {
                         "batch {} failed (instances {list}); rolling back",
                         rollout.batch + 1
                     );
-                    planner.note(true, "BatchFailed", rollout.message.clone());
+                    planner.note(NoteReason::BatchFailed, rollout.message.clone());
                 }
                 FailurePolicy::Pause => {
                     rollout.phase = RolloutPhase::Failed;
@@ -631,7 +650,7 @@ pub fn plan(input: &Input) -> Plan {
                         "batch {} failed (instances {list}); paused for a person to decide",
                         rollout.batch + 1
                     );
-                    planner.note(true, "BatchFailed", rollout.message.clone());
+                    planner.note(NoteReason::BatchFailed, rollout.message.clone());
                 }
             }
         }
@@ -701,8 +720,7 @@ pub fn plan(input: &Input) -> Plan {
         }
         let Some((to_name, to)) = input.revisions.get_key_value(&target) else {
             planner.note(
-                true,
-                "RevisionMissing",
+                NoteReason::RevisionMissing,
                 format!("instance {ordinal} should run {target}, whose template is gone"),
             );
             continue;
@@ -868,7 +886,7 @@ pub fn plan(input: &Input) -> Plan {
                 "every instance rollout {} moved is back on its previous revision",
                 rollout.revision
             );
-            planner.note(true, "RolledBack", msg.clone());
+            planner.note(NoteReason::RolledBack, msg.clone());
             rollout.message = msg;
         } else {
             rollout.message = format!("rolling back: {still_away} instance(s) still to return");
@@ -911,8 +929,7 @@ fn advance(
         rollout.message = format!("all {} batch(es) passed", rollout.batches);
         *current_revision = Some(rollout.revision.clone());
         planner.note(
-            false,
-            "RolloutCompleted",
+            NoteReason::RolloutCompleted,
             format!("rollout of {} completed", rollout.revision),
         );
         return;
@@ -925,8 +942,7 @@ fn advance(
     if !approved {
         if rollout.phase != RolloutPhase::AwaitingApproval {
             planner.note(
-                false,
-                "AwaitingApproval",
+                NoteReason::AwaitingApproval,
                 format!(
                     "batch {}/{} passed; approve the next with `kubectl gantry approve`",
                     rollout.batch + 1,
@@ -943,8 +959,7 @@ fn advance(
         return;
     }
     planner.note(
-        false,
-        "BatchPromoted",
+        NoteReason::BatchPromoted,
         format!(
             "batch {}/{} passed; starting batch {}",
             rollout.batch + 1,

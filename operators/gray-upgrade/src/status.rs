@@ -156,14 +156,11 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
     status
 }
 
+/// The selector as the scale subresource carries it to an HPA: expressions included.
 fn selector_string(spec: &GrayAppSpec) -> String {
-    spec.selector
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    gantry_kit::selector::parse(&spec.selector)
+        .map(|s| gantry_kit::selector::to_query(&s))
+        .unwrap_or_default()
 }
 
 fn set_conditions(status: &mut GrayAppStatus, input: &StatusInput, desired: usize, ready: usize) {
@@ -357,6 +354,18 @@ mod tests {
         assert_eq!(status.label_selector, "app=ocr");
         assert_eq!(status.instances.len(), 3);
         assert_eq!(status.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn the_scale_selector_carries_match_expressions_for_an_hpa() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+        let mut spec = spec(1);
+        spec.selector.match_expressions = Some(vec![LabelSelectorRequirement {
+            key: "track".into(),
+            operator: "NotIn".into(),
+            values: Some(vec!["canary".into()]),
+        }]);
+        assert_eq!(selector_string(&spec), "app=ocr,track notin (canary)");
     }
 
     #[test]

@@ -1,70 +1,63 @@
-//! Runs a kube-runtime `Controller` with what every Gantry controller needs around its
-//! reconcile function: a tracing span carrying the object's key, reconcile metrics, readiness
-//! once the cache has synced, graceful shutdown, and the shared error policy.
+//! Controllers: kube-runtime's `Controller`, fed from caches every replica keeps, run while
+//! the replica leads, with what every Gantry controller needs around its reconcile function:
+//! a tracing span carrying the object's key, reconcile metrics, graceful shutdown, pacing, the
+//! shared error policy, and objects that cannot be read reported instead of stalling the rest.
 //!
-//! Reconciles of one object are paced: one that finishes sooner than the runtime's reconcile
-//! interval after it started holds the object until the interval is over, so that the changes
-//! arriving meanwhile (an object owning thousands of pods sees many) are handled together by
-//! one reconcile that starts with fresh caches. The first reconcile after a quiet spell starts
-//! at once.
+//! ```ignore
+//! let apps = runtime.controller::<GrayApp>("grayapp", watcher::Config::default());
+//! let pods = runtime.owned_index("grayapp pods", runtime.api::<LeanPod>(), config, pod_view);
+//! apps.owns(pods.changes()).run(context, reconcile).await;
+//! ```
 //!
-//! The error policy: a transient error is retried after an exponential, jittered, capped
-//! backoff that grows per object and resets on the object's next success; a permanent error
-//! (an invalid spec) is not retried at all: the reconcile function is expected to have reported
-//! `Stalled` with the reason, and the object is reconciled again when it changes.
+//! The controlled kind is watched on every replica from the moment [`Runtime::controller`] is
+//! called (its cache counts towards readiness); reconciles run only while the replica leads,
+//! beginning with every object in the cache each time it takes over.
+//!
+//! **Objects that cannot be read.** The watch decodes each object on its own
+//! (`DeserializeGuard`): one object that does not fit the operator's types (stored under an
+//! older schema, say) is skipped, logged, reported with a Warning event `Undecodable` on
+//! itself and a `Stalled` condition where its status can be written, once per generation; the
+//! others are reconciled as usual.
+//!
+//! **Pacing.** A reconcile of one object that finishes sooner than the controller's interval
+//! (`--reconcile-interval-ms` unless the controller sets its own, zero for a node agent) after
+//! it started holds the object until the interval is over, so that the changes arriving
+//! meanwhile (an object owning thousands of pods sees many) are handled together by one
+//! reconcile that starts with fresh caches. The first reconcile after a quiet spell starts at
+//! once.
+//!
+//! **Errors.** A transient error is retried after an exponential, jittered, capped backoff that
+//! grows per object, resets on the object's next success and is forgotten when the object is
+//! deleted; a permanent error (an invalid spec) is not retried at all: the reconcile function
+//! is expected to have reported `Stalled` with the reason, and the object is reconciled again
+//! when it changes.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::Resource;
+use futures::stream::{self, BoxStream};
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ApiResource, DynamicObject};
+use kube::core::DeserializeGuard;
 use kube::runtime::Controller;
 use kube::runtime::controller::{Action, Error as ControllerError};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::cache::{Cache, Change, Changes, Seen};
+use crate::conditions::{self, Summary};
 use crate::error::{ErrorClass, ReconcileError};
-use crate::runtime::Runtime;
-
-struct Shared<Ctx, F> {
-    name: &'static str,
-    ctx: Arc<Ctx>,
-    reconcile: F,
-    runtime: Runtime,
-    backoff: Backoff,
-    failures: Mutex<HashMap<String, u32>>,
-}
-
-impl<Ctx, F> Shared<Ctx, F> {
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.failures.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Waits until `store` has its first complete list. Re-polls every 200 ms: the store's own
-/// wait wakes only the last of several concurrent waiters (the controller waits on the same
-/// store), so a lone `wait_until_ready().await` can sleep forever. Returns false if the store's
-/// writer is gone.
-pub async fn cache_ready<K>(store: &kube::runtime::reflector::Store<K>) -> bool
-where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    loop {
-        match tokio::time::timeout(
-            std::time::Duration::from_millis(200),
-            store.wait_until_ready(),
-        )
-        .await
-        {
-            Ok(result) => return result.is_ok(),
-            Err(_elapsed) => continue,
-        }
-    }
-}
+use crate::events::{EventType, Reason};
+use crate::runtime::{ApiScope, Runtime};
 
 /// `namespace/name`, or `name` for cluster-scoped objects.
 pub fn object_key<K: Resource>(obj: &K) -> String {
@@ -76,16 +69,67 @@ pub fn object_key<K: Resource>(obj: &K) -> String {
     }
 }
 
+/// The events the kit itself writes about an operator's objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KitReason {
+    /// The object does not fit the operator's types and is skipped until it changes.
+    Undecodable,
+}
+
+impl Reason for KitReason {
+    fn reason(self) -> &'static str {
+        match self {
+            KitReason::Undecodable => "Undecodable",
+        }
+    }
+
+    fn event_type(self) -> EventType {
+        EventType::Warning
+    }
+
+    fn action(self) -> &'static str {
+        "Decode"
+    }
+}
+
+/// Why a reconcile did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure<E> {
+    #[error(transparent)]
+    Reconcile(E),
+    #[error("the object cannot be read as this operator's type: {0}")]
+    Undecodable(String),
+}
+
+impl<E: ReconcileError> Failure<E> {
+    fn metric_reason(&self) -> &'static str {
+        match self {
+            Failure::Reconcile(err) => err.metric_reason(),
+            Failure::Undecodable(_) => "Undecodable",
+        }
+    }
+}
+
+type Guarded<K> = DeserializeGuard<K>;
+type Trigger<K> = Box<dyn Fn(&Change) -> Option<ObjectRef<Guarded<K>>> + Send + Sync>;
+
+/// A controller of kind `K` being put together; see the module docs.
+pub struct ControllerBuilder<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    runtime: Runtime,
+    name: &'static str,
+    objects: Cache<Guarded<K>>,
+    triggers: Vec<(Changes, Trigger<K>)>,
+    pacing: Duration,
+}
+
 impl Runtime {
-    /// Runs `controller` until shutdown, calling `reconcile` for each object with `ctx`.
-    /// Returns once in-flight reconciles have finished after shutdown began.
-    pub async fn run_controller<K, Ctx, F, Fut, E>(
-        &self,
-        name: &'static str,
-        controller: Controller<K>,
-        ctx: Arc<Ctx>,
-        reconcile: F,
-    ) where
+    /// A controller named `name` of the objects of kind `K` that `config` selects (in the
+    /// operator's scope). Their watch starts now, on every replica.
+    pub fn controller<K>(&self, name: &'static str, config: watcher::Config) -> ControllerBuilder<K>
+    where
         K: Resource<DynamicType = ()>
             + Clone
             + DeserializeOwned
@@ -93,47 +137,237 @@ impl Runtime {
             + Send
             + Sync
             + 'static,
+        K::Scope: ApiScope,
+    {
+        let objects = self.cache(name, self.api::<Guarded<K>>(), config);
+        ControllerBuilder {
+            runtime: self.clone(),
+            name,
+            objects,
+            triggers: Vec::new(),
+            pacing: self.reconcile_interval(),
+        }
+    }
+}
+
+impl<K> ControllerBuilder<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    /// Reconciles an object when something it controls changes: an object in `changes` whose
+    /// `ownerReferences` name it with `controller: true`.
+    #[must_use]
+    pub fn owns(self, changes: &Changes) -> Self {
+        let (api_version, kind) = (K::api_version(&()).to_string(), K::kind(&()).to_string());
+        self.watches(changes, move |change| {
+            let owner = change.controller.as_ref()?;
+            (owner.kind == kind && owner.api_version == api_version)
+                .then(|| reference(&owner.name, change.namespace.as_deref()))
+        })
+    }
+
+    /// Reconciles the object `map` names (if any) whenever something in `changes` changes.
+    #[must_use]
+    pub fn watches(
+        mut self,
+        changes: &Changes,
+        map: impl Fn(&Change) -> Option<ObjectRef<Guarded<K>>> + Send + Sync + 'static,
+    ) -> Self {
+        self.triggers.push((changes.clone(), Box::new(map)));
+        self
+    }
+
+    /// The least time between the starts of two reconciles of one object (zero reconciles on
+    /// every change).
+    #[must_use]
+    pub fn pacing(mut self, interval: Duration) -> Self {
+        self.pacing = interval;
+        self
+    }
+
+    /// The controlled objects, as the cache holds them.
+    pub fn cache(&self) -> &Cache<Guarded<K>> {
+        &self.objects
+    }
+
+    /// Runs the controller while this replica leads, calling `reconcile` for each object with
+    /// `ctx`, until shutdown; returns once in-flight reconciles have finished.
+    pub async fn run<Ctx, F, Fut, E>(self, ctx: Arc<Ctx>, reconcile: F)
+    where
         Ctx: Send + Sync + 'static,
         F: Fn(Arc<K>, Arc<Ctx>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Action, E>> + Send + 'static,
         E: ReconcileError,
     {
-        let cache = self.readiness().track_cache();
-        let store = controller.store();
-        tokio::spawn(async move {
-            if cache_ready(&store).await {
-                tracing::info!(controller = name, "cache synced");
-                cache.synced();
-            }
-        });
+        let name = self.name;
         let shared = Arc::new(Shared {
             name,
             ctx,
             reconcile,
-            runtime: self.clone(),
+            runtime: self.runtime.clone(),
+            pacing: self.pacing,
             backoff: Backoff::default(),
-            failures: Mutex::default(),
+            memory: Mutex::default(),
         });
-        controller
-            .graceful_shutdown_on(self.shutdown_token().clone().cancelled_owned())
-            .run(reconcile_instrumented, error_policy, shared)
-            .for_each(|result| async move {
-                match result {
-                    Ok(_) | Err(ControllerError::ReconcilerFailed(..)) => {}
-                    Err(err) => tracing::warn!(controller = name, error = %err, "controller error"),
+        let triggers = Arc::new(self.triggers);
+        let objects = self.objects;
+        self.runtime
+            .while_leading(name, || {
+                let controller = Controller::for_shared_stream(
+                    stream::pending::<Arc<Guarded<K>>>(),
+                    objects.store().clone(),
+                )
+                .reconcile_on(term_triggers(&objects, &triggers, &shared))
+                .graceful_shutdown_on(shared.runtime.shutdown_token().clone().cancelled_owned());
+                let shared = Arc::clone(&shared);
+                async move {
+                    controller
+                        .run(reconcile_instrumented, error_policy, Arc::clone(&shared))
+                        .for_each(|result| async move {
+                            match result {
+                                Ok(_) | Err(ControllerError::ReconcilerFailed(..)) => {}
+                                Err(ControllerError::ObjectNotFound(gone)) => {
+                                    tracing::debug!(controller = name, object = %gone, "object gone before its reconcile");
+                                }
+                                Err(err) => {
+                                    tracing::warn!(controller = name, error = %err, "controller error");
+                                }
+                            }
+                        })
+                        .await;
+                    tracing::info!(controller = name, "controller stopped");
                 }
             })
             .await;
-        tracing::info!(controller = name, "controller stopped");
+    }
+}
+
+fn reference<K>(name: &str, namespace: Option<&str>) -> ObjectRef<Guarded<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let reference = ObjectRef::new(name);
+    match namespace {
+        Some(ns) => reference.within(ns),
+        None => reference,
+    }
+}
+
+/// What one term of leadership reconciles: every object once the cache is synced, then each
+/// object that changed or whose children changed, and every object again whenever a
+/// subscription fell behind and so may have missed something.
+fn term_triggers<K, Ctx, F>(
+    objects: &Cache<Guarded<K>>,
+    triggers: &Arc<Vec<(Changes, Trigger<K>)>>,
+    shared: &Arc<Shared<Ctx, F>>,
+) -> BoxStream<'static, ObjectRef<Guarded<K>>>
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    Ctx: Send + Sync + 'static,
+    F: Send + Sync + 'static,
+{
+    let store = objects.store().clone();
+    let everything = move || -> BoxStream<'static, ObjectRef<Guarded<K>>> {
+        stream::iter(
+            store
+                .state()
+                .into_iter()
+                .map(|object| ObjectRef::from_obj(object.as_ref())),
+        )
+        .boxed()
+    };
+    let synced = objects.synced().clone();
+    let first = {
+        let everything = everything.clone();
+        stream::once(async move { synced.wait().await })
+            .flat_map(move |()| everything())
+            .boxed()
+    };
+    let own = {
+        let forget = Arc::clone(shared);
+        let everything = everything.clone();
+        objects
+            .changes()
+            .subscribe()
+            .flat_map(move |seen| match seen {
+                Seen::Changed(change) if change.deleted => {
+                    forget.forget(&change_key(&change));
+                    stream::empty().boxed()
+                }
+                Seen::Changed(change) => {
+                    stream::iter([reference(&change.name, change.namespace.as_deref())]).boxed()
+                }
+                Seen::Missed => everything(),
+            })
+            .boxed()
+    };
+    let mut all = vec![first, own];
+    for index in 0..triggers.len() {
+        let triggers = Arc::clone(triggers);
+        let everything = everything.clone();
+        let source = triggers[index].0.subscribe();
+        all.push(
+            source
+                .flat_map(move |seen| match seen {
+                    Seen::Changed(change) => stream::iter((triggers[index].1)(&change)).boxed(),
+                    Seen::Missed => everything(),
+                })
+                .boxed(),
+        );
+    }
+    stream::select_all(all).boxed()
+}
+
+fn change_key(change: &Change) -> String {
+    match &change.namespace {
+        Some(ns) => format!("{ns}/{}", change.name),
+        None => change.name.clone(),
+    }
+}
+
+struct Shared<Ctx, F> {
+    name: &'static str,
+    ctx: Arc<Ctx>,
+    reconcile: F,
+    runtime: Runtime,
+    pacing: Duration,
+    backoff: Backoff,
+    memory: Mutex<Memory>,
+}
+
+/// What a controller remembers per object, until the object succeeds, changes or is deleted.
+#[derive(Default)]
+struct Memory {
+    /// Consecutive transient failures, for the backoff.
+    failures: HashMap<String, u32>,
+    /// The generation last reported as undecodable.
+    undecodable: HashMap<String, Option<i64>>,
+}
+
+impl<Ctx, F> Shared<Ctx, F> {
+    fn memory(&self) -> MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn forget(&self, key: &str) {
+        let mut memory = self.memory();
+        memory.failures.remove(key);
+        memory.undecodable.remove(key);
     }
 }
 
 fn reconcile_instrumented<K, Ctx, F, Fut, E>(
-    obj: Arc<K>,
+    obj: Arc<Guarded<K>>,
     shared: Arc<Shared<Ctx, F>>,
-) -> impl Future<Output = Result<Action, E>> + Send + 'static
+) -> impl Future<Output = Result<Action, Failure<E>>> + Send + 'static
 where
-    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
     Ctx: Send + Sync + 'static,
     F: Fn(Arc<K>, Arc<Ctx>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Action, E>> + Send + 'static,
@@ -141,24 +375,33 @@ where
 {
     let key = object_key(obj.as_ref());
     let span = tracing::info_span!("reconcile", controller = shared.name, object = %key);
-    let fut = (shared.reconcile)(obj, Arc::clone(&shared.ctx));
+    let decoded = obj.0.clone().map(Arc::new);
     async move {
         let started = Instant::now();
-        let result = fut.await;
+        let result = match decoded {
+            Ok(object) => (shared.reconcile)(object, Arc::clone(&shared.ctx))
+                .await
+                .map_err(Failure::Reconcile),
+            Err(invalid) => {
+                report_undecodable::<K, _, _>(&shared, &key, &invalid.metadata, &invalid.error)
+                    .await;
+                Err(Failure::Undecodable(invalid.error))
+            }
+        };
         let elapsed = started.elapsed();
-        let pause = shared.runtime.reconcile_interval().saturating_sub(elapsed);
         shared.runtime.metrics().reconcile.observe(
             shared.name,
             elapsed,
-            result.as_ref().err().map(ReconcileError::metric_reason),
+            result.as_ref().err().map(Failure::metric_reason),
         );
         match &result {
             Ok(action) => {
-                shared.failures().remove(&key);
+                shared.memory().failures.remove(&key);
                 tracing::debug!(?action, ?elapsed, "reconciled");
             }
             Err(err) => tracing::debug!(error = %err, ?elapsed, "reconcile failed"),
         }
+        let pause = shared.pacing.saturating_sub(elapsed);
         if !pause.is_zero() {
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
@@ -170,22 +413,113 @@ where
     .instrument(span)
 }
 
-fn error_policy<K, Ctx, F, E>(obj: Arc<K>, err: &E, shared: Arc<Shared<Ctx, F>>) -> Action
+/// Logs, records a Warning event on the object and sets `Stalled` where its status can be
+/// written, once per generation of the object.
+async fn report_undecodable<K, Ctx, F>(
+    shared: &Shared<Ctx, F>,
+    key: &str,
+    meta: &ObjectMeta,
+    error: &str,
+) where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let generation = meta.generation;
+    if shared.memory().undecodable.get(key) == Some(&generation) {
+        return;
+    }
+    let kind = K::kind(&());
+    tracing::warn!(controller = shared.name, object = %key, %error, "cannot read the object; skipping it until it changes");
+    let regarding = ObjectReference {
+        api_version: Some(K::api_version(&()).to_string()),
+        kind: Some(kind.to_string()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..ObjectReference::default()
+    };
+    let message = format!(
+        "this {kind} cannot be read: {error}. It is skipped until it is fixed; the others are \
+         reconciled as usual."
+    );
+    shared
+        .runtime
+        .events()
+        .publish(&regarding, KitReason::Undecodable, message.clone())
+        .await;
+    if let Err(err) = write_stalled::<K>(&shared.runtime, meta, message).await {
+        tracing::debug!(object = %key, error = %err, "could not set Stalled on the object");
+    }
+    shared
+        .memory()
+        .undecodable
+        .insert(key.to_string(), generation);
+}
+
+async fn write_stalled<K>(
+    runtime: &Runtime,
+    meta: &ObjectMeta,
+    message: String,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let now = Time(Timestamp::now());
+    let mut summary = Vec::new();
+    conditions::set_summary(
+        &mut summary,
+        &Summary::Stalled {
+            reason: KitReason::Undecodable.reason().to_string(),
+            message,
+        },
+        meta.generation,
+        &now,
+    );
+    let name = meta.name.clone().unwrap_or_default();
+    // Dynamic, because the answer is the object that could not be read in the first place.
+    let resource = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = match &meta.namespace {
+        Some(ns) => Api::namespaced_with(runtime.client().clone(), ns, &resource),
+        None => Api::all_with(runtime.client().clone(), &resource),
+    };
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": { "observedGeneration": meta.generation, "conditions": summary },
+    });
+    api.patch_status(
+        &name,
+        &crate::apply::apply_params(runtime.field_manager(), true),
+        &kube::api::Patch::Apply(body),
+    )
+    .await?;
+    Ok(())
+}
+
+fn error_policy<K, Ctx, F, E>(
+    obj: Arc<Guarded<K>>,
+    err: &Failure<E>,
+    shared: Arc<Shared<Ctx, F>>,
+) -> Action
 where
     K: Resource<DynamicType = ()>,
     E: ReconcileError,
 {
     let key = object_key(obj.as_ref());
-    match err.class() {
+    let class = match err {
+        Failure::Reconcile(err) => err.class(),
+        Failure::Undecodable(_) => ErrorClass::Permanent,
+    };
+    match class {
         ErrorClass::Permanent => {
-            shared.failures().remove(&key);
+            shared.memory().failures.remove(&key);
             tracing::warn!(controller = shared.name, object = %key, error = %err, "reconcile failed permanently; waiting for a change");
             Action::await_change()
         }
         ErrorClass::Transient => {
             let attempt = {
-                let mut failures = shared.failures();
-                let count = failures.entry(key.clone()).or_insert(0);
+                let mut memory = shared.memory();
+                let count = memory.failures.entry(key.clone()).or_insert(0);
                 *count = count.saturating_add(1);
                 *count
             };

@@ -28,12 +28,12 @@ pub enum KitError {
     LogLevel { level: String, reason: String },
     #[error("could not install the signal handler: {0}")]
     Signal(#[source] std::io::Error),
-    #[error("lost the leader lease {lease}: {reason}")]
-    LeadershipLost { lease: String, reason: String },
     #[error("could not serialise a CRD: {0}")]
     CrdYaml(#[from] serde_yaml::Error),
     #[error("could not start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("could not set up TLS: {0}")]
+    Tls(#[source] rustls::Error),
 }
 
 /// How a reconcile error should be retried.

@@ -29,6 +29,18 @@ pub const SERIES_WINDOW: SignedDuration = SignedDuration::from_mins(6);
 /// How often fingerprints older than the window are swept out.
 const SWEEP_EVERY: SignedDuration = SignedDuration::from_secs(60);
 
+/// Why an event is written: each operator lists its reasons as an enum, so that every reason
+/// has one spelling, one type and one action, and a new one cannot be left uncounted where the
+/// operator counts them.
+pub trait Reason: Copy {
+    /// The event's `reason`, CamelCase (`InstanceUpdating`).
+    fn reason(self) -> &'static str;
+    /// Whether it reports something going as intended or something to look at.
+    fn event_type(self) -> EventType;
+    /// What the operator did or was doing (`Upgrade`, `Validate`).
+    fn action(self) -> &'static str;
+}
+
 /// Whether an event reports something going as intended or something to look at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventType {
@@ -122,40 +134,17 @@ impl Events {
         }
     }
 
-    /// A normal event: something happened as intended. `regarding` is usually
-    /// `object.object_ref(&())`; `reason` is CamelCase, `action` what the operator did.
-    pub async fn normal(
+    /// Records `reason` about `regarding` (usually `object.object_ref(&())`), with a note for
+    /// people. Never fails: an event that cannot be written is logged and dropped.
+    pub async fn publish(
         &self,
         regarding: &ObjectReference,
-        reason: &str,
-        action: &str,
+        reason: impl Reason,
         note: impl Into<String>,
     ) {
-        self.publish(EventType::Normal, regarding, reason, action, note.into())
-            .await;
-    }
-
-    /// A warning: something needs a person's attention or did not go as intended.
-    pub async fn warning(
-        &self,
-        regarding: &ObjectReference,
-        reason: &str,
-        action: &str,
-        note: impl Into<String>,
-    ) {
-        self.publish(EventType::Warning, regarding, reason, action, note.into())
-            .await;
-    }
-
-    async fn publish(
-        &self,
-        type_: EventType,
-        regarding: &ObjectReference,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
-        let note = truncate_note(note);
+        let (type_, action) = (reason.event_type(), reason.action());
+        let reason = reason.reason();
+        let note = truncate_note(note.into());
         let now = Timestamp::now();
         let key = fingerprint(type_, regarding, reason, action, &note);
         let repeat = self.recent().repeat_of(key, now);

@@ -1,11 +1,13 @@
-//! A watch cache of the objects an operator's resources own, holding only what the operator
-//! reads of each and filed under the owner.
+//! A watch cache that holds only what the operator reads of each object, filed under a key
+//! of the operator's choosing: the UID of the controlling owner for a controller's children,
+//! the node name for a node agent or a scheduler extender.
 //!
 //! kube-runtime's reflector stores whole objects in one flat map. An operator that owns
 //! thousands of pods reads a handful of fields of each, and each reconcile wants the objects of
-//! one owner only. [`OwnedIndex`] stores the operator's own projection of every object under the
-//! UID of its controlling owner: memory grows with what is read, and a reconcile finds its
-//! objects without scanning everyone else's.
+//! one owner (or one node) only. [`Index`] stores the operator's own projection of every object
+//! under its key: memory grows with what is read, and a reconcile finds its objects without
+//! scanning everyone else's. It is filled from watch events ([`Index::apply`]), so its filing
+//! can be tested by feeding it events.
 //!
 //! Decode the watch into a lean type as well (see [`lean_meta`]) so that whole objects are never
 //! built, not even for a moment.
@@ -13,24 +15,23 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use futures::{Stream, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
-use tokio::sync::watch as signal;
 
+use crate::cache::{Change, Changes, Synced};
 use crate::runtime::Runtime;
 
-/// The owned objects' projections, by controlling owner's UID and object name. Cheap to clone;
-/// every clone sees the same cache.
-pub struct OwnedIndex<V> {
+/// Objects' projections by key and object. Cheap to clone; every clone sees the same cache.
+pub struct Index<V> {
     shared: Arc<Shared<V>>,
 }
 
-impl<V> Clone for OwnedIndex<V> {
+impl<V> Clone for Index<V> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
@@ -40,7 +41,9 @@ impl<V> Clone for OwnedIndex<V> {
 
 struct Shared<V> {
     state: RwLock<State<V>>,
-    synced: signal::Sender<bool>,
+    synced_tx: tokio::sync::watch::Sender<bool>,
+    synced: Synced,
+    changes: Changes,
 }
 
 struct State<V> {
@@ -50,65 +53,70 @@ struct State<V> {
     relisting: Option<Entries<V>>,
 }
 
+/// An object's (namespace, name).
+type ObjectKey = (String, String);
+
 struct Entries<V> {
-    by_owner: HashMap<String, BTreeMap<String, Arc<V>>>,
-    /// Where each object is filed: (namespace, name) → owner UID.
-    owner_of: HashMap<(String, String), String>,
+    by_key: HashMap<String, BTreeMap<ObjectKey, Arc<V>>>,
+    /// Where each object is filed.
+    key_of: HashMap<ObjectKey, String>,
 }
 
 impl<V> Default for Entries<V> {
     fn default() -> Self {
         Self {
-            by_owner: HashMap::new(),
-            owner_of: HashMap::new(),
+            by_key: HashMap::new(),
+            key_of: HashMap::new(),
         }
     }
 }
 
 impl<V> Entries<V> {
-    fn upsert(&mut self, key: (String, String), owner: Option<String>, value: Option<V>) {
-        match (owner, value) {
-            (Some(owner), Some(value)) => {
-                if self.owner_of.get(&key).is_some_and(|o| *o != owner) {
-                    self.remove(&key);
+    fn upsert(&mut self, object: ObjectKey, key: Option<String>, value: Option<V>) {
+        match (key, value) {
+            (Some(key), Some(value)) => {
+                if self.key_of.get(&object).is_some_and(|k| *k != key) {
+                    self.remove(&object);
                 }
-                self.by_owner
-                    .entry(owner.clone())
+                self.by_key
+                    .entry(key.clone())
                     .or_default()
-                    .insert(key.1.clone(), Arc::new(value));
-                self.owner_of.insert(key, owner);
+                    .insert(object.clone(), Arc::new(value));
+                self.key_of.insert(object, key);
             }
-            _ => self.remove(&key),
+            _ => self.remove(&object),
         }
     }
 
-    fn remove(&mut self, key: &(String, String)) {
-        let Some(owner) = self.owner_of.remove(key) else {
+    fn remove(&mut self, object: &ObjectKey) {
+        let Some(key) = self.key_of.remove(object) else {
             return;
         };
-        if let Some(objects) = self.by_owner.get_mut(&owner) {
-            objects.remove(&key.1);
+        if let Some(objects) = self.by_key.get_mut(&key) {
+            objects.remove(object);
             if objects.is_empty() {
-                self.by_owner.remove(&owner);
+                self.by_key.remove(&key);
             }
         }
     }
 
     fn len(&self) -> usize {
-        self.owner_of.len()
+        self.key_of.len()
     }
 }
 
-impl<V> Default for OwnedIndex<V> {
+impl<V> Default for Index<V> {
     fn default() -> Self {
-        let (synced, _) = signal::channel(false);
+        let (synced_tx, synced) = Synced::channel();
         Self {
             shared: Arc::new(Shared {
                 state: RwLock::new(State {
                     live: Entries::default(),
                     relisting: None,
                 }),
+                synced_tx,
                 synced,
+                changes: Changes::default(),
             }),
         }
     }
@@ -125,7 +133,12 @@ pub fn controller_uid<K: Resource>(object: &K) -> Option<&str> {
         .map(|o| o.uid.as_str())
 }
 
-fn key_of<K: Resource>(object: &K) -> (String, String) {
+/// The key that files an object under its controlling owner's UID.
+pub fn by_controller<K: Resource>(object: &K) -> Option<String> {
+    controller_uid(object).map(str::to_owned)
+}
+
+fn object_key<K: Resource>(object: &K) -> ObjectKey {
     let meta = object.meta();
     (
         meta.namespace.clone().unwrap_or_default(),
@@ -133,14 +146,15 @@ fn key_of<K: Resource>(object: &K) -> (String, String) {
     )
 }
 
-impl<V> OwnedIndex<V> {
-    /// The projections of the objects `owner_uid` controls, in name order.
-    pub fn owned_by(&self, owner_uid: &str) -> Vec<Arc<V>> {
+impl<V> Index<V> {
+    /// The projections filed under `key` (an owner's UID, a node's name), in namespace and
+    /// name order.
+    pub fn get(&self, key: &str) -> Vec<Arc<V>> {
         let state = self.read();
         state
             .live
-            .by_owner
-            .get(owner_uid)
+            .by_key
+            .get(key)
             .map(|objects| objects.values().cloned().collect())
             .unwrap_or_default()
     }
@@ -157,36 +171,45 @@ impl<V> OwnedIndex<V> {
 
     /// Whether the first complete list has arrived.
     pub fn is_synced(&self) -> bool {
-        *self.shared.synced.borrow()
+        self.shared.synced.is_synced()
     }
 
     /// Waits until the first complete list has arrived.
     pub async fn synced(&self) {
-        let mut receiver = self.shared.synced.subscribe();
-        // The sender lives in `self`, so the channel cannot close while this waits.
-        let _ = receiver.wait_for(|synced| *synced).await;
+        self.shared.synced.wait().await;
     }
 
-    /// Files one watch event: `project` gives what to keep of an object, `None` to keep nothing.
-    /// Objects without a controlling owner are not kept.
-    pub fn apply<K: Resource>(&self, event: &Event<K>, project: impl Fn(&K) -> Option<V>) {
+    /// The changes of the filed objects, for controllers that react to them.
+    pub fn changes(&self) -> &Changes {
+        &self.shared.changes
+    }
+
+    /// Files one watch event: `key` says where an object goes (`None`: nowhere), `project` what
+    /// to keep of it (`None`: nothing). Subscribers to [`Index::changes`] hear of the object
+    /// once it is filed.
+    pub fn apply<K: Resource>(
+        &self,
+        event: &Event<K>,
+        key: impl Fn(&K) -> Option<String>,
+        project: impl Fn(&K) -> Option<V>,
+    ) {
         // Objects are projected before the lock is taken, so that readers never wait on it.
         let filed = |object: &K| {
-            let owner = controller_uid(object).map(str::to_owned);
-            let value = owner.as_ref().and_then(|_| project(object));
-            (key_of(object), owner, value)
+            let key = key(object);
+            let value = key.as_ref().and_then(|_| project(object));
+            (object_key(object), key, value)
         };
         match event {
             Event::Init => self.write().relisting = Some(Entries::default()),
             Event::InitApply(object) => {
-                let (key, owner, value) = filed(object);
+                let (object_key, key, value) = filed(object);
                 let mut state = self.write();
                 let state = &mut *state;
                 state
                     .relisting
                     .as_mut()
                     .unwrap_or(&mut state.live)
-                    .upsert(key, owner, value);
+                    .upsert(object_key, key, value);
             }
             Event::InitDone => {
                 {
@@ -195,13 +218,16 @@ impl<V> OwnedIndex<V> {
                         state.live = complete;
                     }
                 }
-                self.shared.synced.send_replace(true);
+                self.shared.synced_tx.send_replace(true);
             }
             Event::Apply(object) => {
-                let (key, owner, value) = filed(object);
-                self.write().live.upsert(key, owner, value);
+                let (object_key, key, value) = filed(object);
+                self.write().live.upsert(object_key, key, value);
             }
-            Event::Delete(object) => self.write().live.remove(&key_of(object)),
+            Event::Delete(object) => self.write().live.remove(&object_key(object)),
+        }
+        if let Some(change) = Change::of_event(event) {
+            self.shared.changes.send(change);
         }
     }
 
@@ -220,56 +246,68 @@ impl<V> OwnedIndex<V> {
     }
 }
 
-/// Watches the objects `api` lists (narrowed by `config`) into an [`OwnedIndex`] of what
-/// `project` keeps of each. Returns the index and the stream of changed objects, which must be
-/// polled for the index to fill (hand it to `Controller::owns_stream` so that owners are
-/// reconciled when their objects change; an object is filed before it is passed on).
+/// An index of what `project` keeps of the objects `api` lists (narrowed by `config`), filed
+/// by `key`, and the future that fills it: poll it (spawn it) for as long as the index is
+/// wanted. [`Runtime::index`] does that for operators.
 pub fn watch<K, V>(
     api: Api<K>,
     config: watcher::Config,
+    key: impl Fn(&K) -> Option<String> + Send + 'static,
     project: impl Fn(&K) -> Option<V> + Send + 'static,
-) -> (
-    OwnedIndex<V>,
-    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-)
+) -> (Index<V>, impl Future<Output = ()> + Send + 'static)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     V: Send + Sync + 'static,
 {
-    let index = OwnedIndex::default();
+    let index = Index::default();
     let filing = index.clone();
-    let changes = watcher::watcher(api, config)
-        .default_backoff()
-        .inspect_ok(move |event| filing.apply(event, &project))
-        .touched_objects();
-    (index, changes)
+    let kind = std::any::type_name::<K>();
+    let fill = async move {
+        let mut events = watcher::watcher(api, config).default_backoff().boxed();
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) => filing.apply(&event, &key, &project),
+                Err(err) => tracing::warn!(kind, error = %err, "watch failed; retrying"),
+            }
+        }
+    };
+    (index, fill)
 }
 
 impl Runtime {
-    /// [`watch`], with the leader counted as ready only once the index has its first complete
-    /// list.
-    pub fn owned_index<K, V>(
+    /// [`watch`], filled on this replica from now until shutdown; the replica counts as ready
+    /// only once the index has its first complete list.
+    pub fn index<K, V>(
         &self,
+        what: &str,
         api: Api<K>,
         config: watcher::Config,
+        key: impl Fn(&K) -> Option<String> + Send + 'static,
         project: impl Fn(&K) -> Option<V> + Send + 'static,
-    ) -> (
-        OwnedIndex<V>,
-        impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-    )
+    ) -> Index<V>
     where
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
         V: Send + Sync + 'static,
     {
-        let (index, changes) = watch(api, config, project);
-        let cache = self.readiness().track_cache();
-        let waiting = index.clone();
-        tokio::spawn(async move {
-            waiting.synced().await;
-            tracing::info!(objects = waiting.len(), "owned-object index synced");
-            cache.synced();
-        });
-        (index, changes)
+        let (index, fill) = watch(api, config, key, project);
+        self.keep_filled(what, fill, index.shared.synced.clone());
+        index
+    }
+
+    /// [`Runtime::index`] of the objects that have a controlling owner, filed under the
+    /// owner's UID: a controller's children.
+    pub fn owned_index<K, V>(
+        &self,
+        what: &str,
+        api: Api<K>,
+        config: watcher::Config,
+        project: impl Fn(&K) -> Option<V> + Send + 'static,
+    ) -> Index<V>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        V: Send + Sync + 'static,
+    {
+        self.index(what, api, config, by_controller, project)
     }
 }
 
@@ -310,7 +348,7 @@ pub fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMet
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::ConfigMap;
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSpec};
 
     fn object(name: &str, owner: Option<&str>, value: &str) -> ConfigMap {
         ConfigMap {
@@ -335,9 +373,9 @@ mod tests {
         cm.data.as_ref()?.get("v").cloned()
     }
 
-    fn values(index: &OwnedIndex<String>, owner: &str) -> Vec<String> {
+    fn values(index: &Index<String>, owner: &str) -> Vec<String> {
         index
-            .owned_by(owner)
+            .get(owner)
             .iter()
             .map(|v| v.as_str().to_owned())
             .collect()
@@ -345,11 +383,27 @@ mod tests {
 
     #[test]
     fn files_objects_under_their_controlling_owner_in_name_order() {
-        let index = OwnedIndex::default();
-        index.apply(&Event::Apply(object("b", Some("u1"), "b1")), value);
-        index.apply(&Event::Apply(object("a", Some("u1"), "a1")), value);
-        index.apply(&Event::Apply(object("c", Some("u2"), "c2")), value);
-        index.apply(&Event::Apply(object("orphan", None, "x")), value);
+        let index = Index::default();
+        index.apply(
+            &Event::Apply(object("b", Some("u1"), "b1")),
+            by_controller,
+            value,
+        );
+        index.apply(
+            &Event::Apply(object("a", Some("u1"), "a1")),
+            by_controller,
+            value,
+        );
+        index.apply(
+            &Event::Apply(object("c", Some("u2"), "c2")),
+            by_controller,
+            value,
+        );
+        index.apply(
+            &Event::Apply(object("orphan", None, "x")),
+            by_controller,
+            value,
+        );
         assert_eq!(values(&index, "u1"), ["a1", "b1"]);
         assert_eq!(values(&index, "u2"), ["c2"]);
         assert_eq!(
@@ -361,26 +415,55 @@ mod tests {
 
     #[test]
     fn updates_replace_deletes_remove_and_owner_changes_move() {
-        let index = OwnedIndex::default();
-        index.apply(&Event::Apply(object("a", Some("u1"), "old")), value);
-        index.apply(&Event::Apply(object("a", Some("u1"), "new")), value);
+        let index = Index::default();
+        index.apply(
+            &Event::Apply(object("a", Some("u1"), "old")),
+            by_controller,
+            value,
+        );
+        index.apply(
+            &Event::Apply(object("a", Some("u1"), "new")),
+            by_controller,
+            value,
+        );
         assert_eq!(values(&index, "u1"), ["new"]);
-        index.apply(&Event::Apply(object("a", Some("u2"), "moved")), value);
+        index.apply(
+            &Event::Apply(object("a", Some("u2"), "moved")),
+            by_controller,
+            value,
+        );
         assert!(values(&index, "u1").is_empty());
         assert_eq!(values(&index, "u2"), ["moved"]);
-        index.apply(&Event::Apply(object("a", None, "released")), value);
+        index.apply(
+            &Event::Apply(object("a", None, "released")),
+            by_controller,
+            value,
+        );
         assert!(index.is_empty(), "released by its owner");
-        index.apply(&Event::Apply(object("a", Some("u1"), "back")), value);
-        index.apply(&Event::Delete(object("a", Some("u1"), "back")), value);
+        index.apply(
+            &Event::Apply(object("a", Some("u1"), "back")),
+            by_controller,
+            value,
+        );
+        index.apply(
+            &Event::Delete(object("a", Some("u1"), "back")),
+            by_controller,
+            value,
+        );
         assert!(index.is_empty());
     }
 
     #[test]
     fn a_projection_of_none_keeps_nothing() {
-        let index = OwnedIndex::default();
-        index.apply(&Event::Apply(object("a", Some("u1"), "v")), value);
+        let index = Index::default();
         index.apply(
             &Event::Apply(object("a", Some("u1"), "v")),
+            by_controller,
+            value,
+        );
+        index.apply(
+            &Event::Apply(object("a", Some("u1"), "v")),
+            by_controller,
             |_: &ConfigMap| None,
         );
         assert!(index.is_empty());
@@ -388,30 +471,38 @@ mod tests {
 
     #[test]
     fn a_relist_replaces_everything_once_complete() {
-        let index = OwnedIndex::default();
+        let index = Index::default();
         assert!(!index.is_synced());
-        index.apply(&Event::Init, value);
-        index.apply(&Event::InitApply(object("a", Some("u1"), "a")), value);
+        index.apply(&Event::Init, by_controller, value);
+        index.apply(
+            &Event::InitApply(object("a", Some("u1"), "a")),
+            by_controller,
+            value,
+        );
         assert!(index.is_empty(), "a list in progress is not visible");
-        index.apply(&Event::InitDone, value);
+        index.apply(&Event::InitDone, by_controller, value);
         assert!(index.is_synced());
         assert_eq!(values(&index, "u1"), ["a"]);
 
         // The watch is lost; meanwhile `a` is deleted and `b` created.
-        index.apply(&Event::Init, value);
-        index.apply(&Event::InitApply(object("b", Some("u1"), "b")), value);
+        index.apply(&Event::Init, by_controller, value);
+        index.apply(
+            &Event::InitApply(object("b", Some("u1"), "b")),
+            by_controller,
+            value,
+        );
         assert_eq!(
             values(&index, "u1"),
             ["a"],
             "the old view serves until the list completes"
         );
-        index.apply(&Event::InitDone, value);
+        index.apply(&Event::InitDone, by_controller, value);
         assert_eq!(values(&index, "u1"), ["b"]);
     }
 
     #[tokio::test]
     async fn synced_wakes_every_waiter() {
-        let index: OwnedIndex<String> = OwnedIndex::default();
+        let index: Index<String> = Index::default();
         let waiters: Vec<_> = (0..3)
             .map(|_| {
                 let index = index.clone();
@@ -419,14 +510,72 @@ mod tests {
             })
             .collect();
         tokio::task::yield_now().await;
-        index.apply(&Event::<ConfigMap>::Init, value);
-        index.apply(&Event::<ConfigMap>::InitDone, value);
+        index.apply(&Event::<ConfigMap>::Init, by_controller, value);
+        index.apply(&Event::<ConfigMap>::InitDone, by_controller, value);
         for waiter in waiters {
             tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
                 .await
                 .expect("woken")
                 .expect("joined");
         }
+    }
+
+    fn pod_on(name: &str, node: Option<&str>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                node_name: node.map(str::to_owned),
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        }
+    }
+
+    fn node_of(pod: &Pod) -> Option<String> {
+        pod.spec.as_ref()?.node_name.clone()
+    }
+
+    fn name_of(pod: &Pod) -> Option<String> {
+        pod.metadata.name.clone()
+    }
+
+    #[test]
+    fn an_index_keyed_by_node_follows_pods_as_they_are_bound_and_deleted() {
+        let index: Index<String> = Index::default();
+        let names =
+            |node: &str| -> Vec<String> { index.get(node).iter().map(|v| v.to_string()).collect() };
+        index.apply(&Event::Apply(pod_on("pending", None)), node_of, name_of);
+        assert!(index.is_empty(), "an unscheduled pod belongs to no node");
+        index.apply(
+            &Event::Apply(pod_on("pending", Some("n1"))),
+            node_of,
+            name_of,
+        );
+        index.apply(&Event::Apply(pod_on("b", Some("n1"))), node_of, name_of);
+        index.apply(&Event::Apply(pod_on("c", Some("n2"))), node_of, name_of);
+        assert_eq!(names("n1"), ["b", "pending"]);
+        assert_eq!(names("n2"), ["c"]);
+        index.apply(&Event::Delete(pod_on("b", Some("n1"))), node_of, name_of);
+        assert_eq!(names("n1"), ["pending"]);
+        assert!(names("n3").is_empty());
+    }
+
+    #[tokio::test]
+    async fn subscribers_hear_of_an_object_once_it_is_filed() {
+        use crate::cache::Seen;
+        use futures::StreamExt as _;
+        let index: Index<String> = Index::default();
+        let mut changes = Box::pin(index.changes().subscribe());
+        index.apply(&Event::Apply(pod_on("p", Some("n1"))), node_of, name_of);
+        let Some(Seen::Changed(change)) = changes.next().await else {
+            panic!("expected a change");
+        };
+        assert_eq!(change.name, "p");
+        assert_eq!(index.get("n1").len(), 1, "filed before it was announced");
     }
 
     #[test]

@@ -1,32 +1,45 @@
-//! The shared runtime of every Gantry operator.
+//! The shared runtime of every Gantry operator, as parts an operator binary composes.
 //!
 //! An operator binary is its domain logic plus one call to [`runtime::main`], which provides:
-//! - the common command line ([`cli`]): `run` with metrics, health, leader-election, logging and
-//!   namespace flags, and `crd` to print the operator's CRDs;
+//! - the command line ([`cli`]): the kit's flags, extended by the operator's own, and `crd`;
 //! - logging as JSON or text ([`telemetry`]), and a span per reconcile carrying the object's key;
-//! - `/metrics`, `/healthz` and `/readyz` ([`http`], [`metrics`]), with reconcile metrics for free;
-//! - leader election on a Lease with a clean hand-over on SIGTERM ([`leader`]);
-//! - graceful shutdown ([`runtime`]);
-//! - Events ([`events`]), kstatus-compatible conditions ([`conditions`]), server-side apply
-//!   ([`apply`]), and the shared error policy with capped, jittered backoff ([`backoff`],
-//!   [`error`], [`controller`]);
-//! - a lean watch cache of owned objects, filed by owner ([`index`]);
+//! - `/metrics`, `/healthz` and `/readyz` ([`endpoints`], [`metrics`]), readiness being the AND
+//!   of the checks the operator's parts register;
+//! - leader election on a Lease ([`leader`]) that gates only leader-only work, with a clean
+//!   hand-over on SIGTERM, and graceful shutdown ([`runtime`]);
+//! - watch caches and indexes kept on every replica ([`cache`], [`index`]) and controllers that
+//!   run from them while the replica leads ([`controller`]);
+//! - HTTPS services on every replica ([`https`]) with certificates from files or managed by
+//!   the operator itself ([`certs`]), and admission webhooks on them ([`admission`]);
+//! - clients, events and health for several clusters ([`clusters`]);
+//! - Events with typed reasons ([`events`]), kstatus-compatible conditions ([`conditions`]),
+//!   server-side apply ([`apply`]), label selectors ([`selector`]) and the shared error policy
+//!   with capped, jittered backoff ([`backoff`], [`error`]);
 //! - rendering and checking CRDs ([`crd`]).
 
+pub mod admission;
 pub mod apply;
 pub mod backoff;
+pub mod cache;
+pub mod certs;
 pub mod cli;
+pub mod clusters;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod endpoints;
 pub mod error;
 pub mod events;
-pub mod http;
+pub mod https;
 pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod runtime;
+pub mod selector;
 pub mod telemetry;
+
+#[cfg(test)]
+mod testing;
 
 pub use error::{ErrorClass, KitError, ReconcileError};
 pub use runtime::{OperatorInfo, Runtime, Scope};

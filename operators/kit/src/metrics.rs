@@ -7,13 +7,16 @@
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+use crate::certs::Certificates;
+use crate::leader::Leadership;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabels {
@@ -92,6 +95,304 @@ impl ReconcileMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerLabels {
+    server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    server: String,
+    route: String,
+}
+
+/// A response's status class, the only part of the code a route's metrics keep.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum CodeClass {
+    Informational,
+    Success,
+    Redirection,
+    ClientError,
+    ServerError,
+}
+
+impl EncodeLabelValue for CodeClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(match self {
+            CodeClass::Informational => "1xx",
+            CodeClass::Success => "2xx",
+            CodeClass::Redirection => "3xx",
+            CodeClass::ClientError => "4xx",
+            CodeClass::ServerError => "5xx",
+        })
+    }
+}
+
+impl CodeClass {
+    pub fn of(code: u16) -> Self {
+        match code {
+            100..=199 => CodeClass::Informational,
+            200..=299 => CodeClass::Success,
+            300..=399 => CodeClass::Redirection,
+            400..=499 => CodeClass::ClientError,
+            _ => CodeClass::ServerError,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteCodeLabels {
+    server: String,
+    route: String,
+    code: CodeClass,
+}
+
+fn request_duration_histogram() -> Histogram {
+    // 0.25 ms to ~8 s: admission answers are expected in single-digit milliseconds.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+type RouteHistograms = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+/// Requests, latency and server errors of every route of the kit's HTTPS services, and failed
+/// handshakes per service.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: Family<RouteCodeLabels, Counter>,
+    errors: Family<RouteLabels, Counter>,
+    duration: RouteHistograms,
+    handshake_errors: Family<ServerLabels, Counter>,
+}
+
+impl HttpMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            requests: Family::default(),
+            errors: Family::default(),
+            duration: Family::new_with_constructor(request_duration_histogram),
+            handshake_errors: Family::default(),
+        };
+        registry.register(
+            "http_requests",
+            "Requests answered, by service, route and status class",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "http_request_errors",
+            "Requests answered with a server error, by service and route",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer a request, by service and route",
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "https_handshake_errors",
+            "TLS handshakes that failed or timed out, by service",
+            metrics.handshake_errors.clone(),
+        );
+        metrics
+    }
+
+    /// Records one answered request; `route` is the matched route's template.
+    pub fn observe(&self, server: &str, route: &str, code: u16, elapsed: Duration) {
+        let labels = RouteLabels {
+            server: server.to_string(),
+            route: route.to_string(),
+        };
+        let class = CodeClass::of(code);
+        self.requests
+            .get_or_create(&RouteCodeLabels {
+                server: labels.server.clone(),
+                route: labels.route.clone(),
+                code: class,
+            })
+            .inc();
+        if class == CodeClass::ServerError {
+            self.errors.get_or_create(&labels).inc();
+        }
+        self.duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn handshake_failed(&self, server: &str) {
+        self.handshake_errors
+            .get_or_create(&ServerLabels {
+                server: server.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// How an admission review ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum AdmissionOutcome {
+    Allowed,
+    Denied,
+    /// The body was not an admission review.
+    Malformed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AdmissionLabels {
+    route: String,
+    outcome: AdmissionOutcome,
+}
+
+/// Admission reviews by route and outcome.
+#[derive(Clone)]
+pub struct AdmissionMetrics {
+    reviews: Family<AdmissionLabels, Counter>,
+}
+
+impl AdmissionMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            reviews: Family::default(),
+        };
+        registry.register(
+            "admission_reviews",
+            "Admission reviews answered, by route and outcome",
+            metrics.reviews.clone(),
+        );
+        metrics
+    }
+
+    pub fn reviewed(&self, route: &str, outcome: AdmissionOutcome) {
+        self.reviews
+            .get_or_create(&AdmissionLabels {
+                route: route.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    server: String,
+    outcome: ReloadOutcome,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+enum ReloadOutcome {
+    Loaded,
+    Rejected,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RotationLabels {
+    step: String,
+}
+
+/// Serving certificates: when each expires, reloads, and the managed CA's rotations.
+#[derive(Clone)]
+pub struct TlsMetrics {
+    expiry: Family<ServerLabels, Gauge>,
+    reloads: Family<ReloadLabels, Counter>,
+    rotations: Family<RotationLabels, Counter>,
+}
+
+impl TlsMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            expiry: Family::default(),
+            reloads: Family::default(),
+            rotations: Family::default(),
+        };
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the certificate a service presents expires (Unix time)",
+            metrics.expiry.clone(),
+        );
+        registry.register(
+            "tls_certificate_loads",
+            "Certificates loaded or rejected (the old one kept), by service",
+            metrics.reloads.clone(),
+        );
+        registry.register(
+            "tls_rotations",
+            "Changes the managed certificate authority made, by step",
+            metrics.rotations.clone(),
+        );
+        metrics
+    }
+
+    pub fn reloaded(&self, server: &str, ok: bool) {
+        let outcome = if ok {
+            ReloadOutcome::Loaded
+        } else {
+            ReloadOutcome::Rejected
+        };
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                server: server.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// `step` comes from a fixed set (the rotation's steps and `Failed`).
+    pub fn rotated(&self, step: &'static str) {
+        self.rotations
+            .get_or_create(&RotationLabels {
+                step: step.to_string(),
+            })
+            .inc();
+    }
+
+    fn expires(&self, server: &str, at: i64) {
+        self.expiry
+            .get_or_create(&ServerLabels {
+                server: server.to_string(),
+            })
+            .set(at);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+/// Whether each remote cluster answers.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    reachable: Family<ClusterLabels, Gauge>,
+}
+
+impl ClusterMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            reachable: Family::default(),
+        };
+        registry.register(
+            "cluster_reachable",
+            "1 while the named cluster's API server answers, else 0",
+            metrics.reachable.clone(),
+        );
+        metrics
+    }
+
+    pub fn set_reachable(&self, cluster: &str, reachable: bool) {
+        self.reachable
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_string(),
+            })
+            .set(i64::from(reachable));
+    }
+
+    /// A cluster that is no longer configured leaves no series behind.
+    pub fn forget(&self, cluster: &str) {
+        self.reachable.remove(&ClusterLabels {
+            cluster: cluster.to_string(),
+        });
+    }
+}
+
 /// The operator's metrics registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -99,6 +400,12 @@ pub struct Metrics {
     pub reconcile: ReconcileMetrics,
     /// 1 while this replica holds the leader lease (or runs without election), else 0.
     pub leader: Gauge,
+    /// Terms this replica has begun as leader.
+    pub leader_terms: Counter,
+    pub http: HttpMetrics,
+    pub admission: AdmissionMetrics,
+    pub tls: TlsMetrics,
+    pub clusters: ClusterMetrics,
 }
 
 impl Metrics {
@@ -111,6 +418,12 @@ impl Metrics {
             "1 while this replica is the leader and may act",
             leader.clone(),
         );
+        let leader_terms = Counter::default();
+        registry.register(
+            "leader_terms",
+            "Terms this replica has begun as the leader",
+            leader_terms.clone(),
+        );
         registry.register(
             "build",
             "Which operator and version this process runs",
@@ -119,10 +432,19 @@ impl Metrics {
                 version: version.to_string(),
             }),
         );
+        let http = HttpMetrics::register(&mut registry);
+        let admission = AdmissionMetrics::register(&mut registry);
+        let tls = TlsMetrics::register(&mut registry);
+        let clusters = ClusterMetrics::register(&mut registry);
         Self {
             registry: Arc::new(RwLock::new(registry)),
             reconcile,
             leader,
+            leader_terms,
+            http,
+            admission,
+            tls,
+            clusters,
         }
     }
 
@@ -141,6 +463,37 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)?;
         Ok(out)
+    }
+}
+
+/// Keeps the leader metrics in step with the election until it is over.
+pub async fn follow_leadership(metrics: Metrics, mut leadership: Leadership) {
+    let mut term = 0;
+    loop {
+        let standing = leadership.standing();
+        metrics.leader.set(i64::from(standing.leading));
+        if standing.leading && standing.term != term {
+            term = standing.term;
+            metrics.leader_terms.inc();
+        }
+        if !leadership.changed().await {
+            return;
+        }
+    }
+}
+
+/// Keeps a service's certificate expiry metric current.
+pub async fn follow_certificates(metrics: Metrics, certificates: Certificates) {
+    let mut changes = certificates.subscribe();
+    loop {
+        if let Some(validity) = *changes.borrow_and_update() {
+            metrics
+                .tls
+                .expires(certificates.name(), validity.not_after.as_second());
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
     }
 }
 

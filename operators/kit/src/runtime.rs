@@ -1,29 +1,40 @@
 //! The operator process: parse the command line, set up logging, metrics and health endpoints,
-//! campaign for leadership, run the operator's controllers while leading, and stop cleanly.
+//! take part in the leader election, run the operator's body on every replica, and stop
+//! cleanly.
+//!
+//! The body gets a [`Runtime`] on every replica, at once. What it starts is of two kinds:
+//! - **services**, which every replica runs: watch caches and indexes, HTTPS endpoints
+//!   (webhooks, scheduler extenders), node agents' work on their own node;
+//! - **leader-only work** ([`Runtime::while_leading`], and every controller the kit runs), which
+//!   runs while this replica holds the lease, stops at once when it loses it, and starts again
+//!   if it wins it back. Without `--leader-elect` a replica always leads.
 //!
 //! Shutdown on SIGTERM (or SIGINT) goes: `/readyz` turns unready; controllers stop taking new
-//! work and finish what is in flight (bounded by `--shutdown-timeout-seconds`); the leader lease
-//! is released so a standby takes over at once; the endpoints close; the process exits 0. A
-//! second signal exits at once. A replica that loses its lease stops all work immediately and
-//! exits non-zero, so that it never acts alongside a new leader.
+//! work and finish what is in flight, and services keep answering for
+//! `--shutdown-delay-seconds` before they stop listening (all bounded by
+//! `--shutdown-timeout-seconds`); the leader lease is released so a standby takes over at once;
+//! the endpoints close; the process exits 0. A second signal exits at once.
 
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::NamespaceResourceScope;
+use clap::{Args, FromArgMatches};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope};
 use kube::{Api, Client, Resource};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{self, Action, RunArgs};
+use crate::cli::{self, Action, KitArgs, RunArgs};
+use crate::endpoints::{Readiness, Servers};
 use crate::error::KitError;
 use crate::events::Events;
-use crate::http::{Phase, Readiness, Servers};
 use crate::leader::{LeaderElector, Leadership, LeaseConfig};
 use crate::metrics::Metrics;
+
+/// Errors an operator's body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the kit needs to know about an operator.
 #[derive(Clone, Copy)]
@@ -45,7 +56,36 @@ pub enum Scope {
     Namespace(String),
 }
 
-/// Everything an operator's controllers get from the kit while this replica leads.
+/// How an API handle for a kind follows the operator's [`Scope`]: namespaced kinds are read
+/// in the watched namespace (or all), cluster-scoped kinds always cluster-wide.
+pub trait ApiScope {
+    fn api<K>(client: Client, scope: &Scope) -> Api<K>
+    where
+        K: Resource<Scope = Self, DynamicType = ()>;
+}
+
+impl ApiScope for NamespaceResourceScope {
+    fn api<K>(client: Client, scope: &Scope) -> Api<K>
+    where
+        K: Resource<Scope = Self, DynamicType = ()>,
+    {
+        match scope {
+            Scope::All => Api::all(client),
+            Scope::Namespace(ns) => Api::namespaced(client, ns),
+        }
+    }
+}
+
+impl ApiScope for ClusterResourceScope {
+    fn api<K>(client: Client, _: &Scope) -> Api<K>
+    where
+        K: Resource<Scope = Self, DynamicType = ()>,
+    {
+        Api::all(client)
+    }
+}
+
+/// Everything an operator's parts get from the kit, on every replica. Cheap to clone.
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,
@@ -55,14 +95,125 @@ struct Inner {
     info: OperatorInfo,
     client: Client,
     scope: Scope,
+    identity: String,
     events: Events,
     metrics: Metrics,
     readiness: Arc<Readiness>,
+    leadership: Leadership,
     shutdown: CancellationToken,
     reconcile_interval: Duration,
+    shutdown_delay: Duration,
+}
+
+/// Builds a [`Runtime`]: the process does it from the command line; tests and embedders from
+/// a client of their own.
+pub struct RuntimeBuilder {
+    info: OperatorInfo,
+    client: Client,
+    scope: Scope,
+    identity: Option<String>,
+    metrics: Option<Metrics>,
+    readiness: Arc<Readiness>,
+    leadership: Leadership,
+    shutdown: CancellationToken,
+    reconcile_interval: Duration,
+    shutdown_delay: Duration,
+}
+
+impl RuntimeBuilder {
+    /// Watches every namespace, always leads, no pacing, a fresh registry and readiness.
+    pub fn new(info: OperatorInfo, client: Client) -> Self {
+        Self {
+            info,
+            client,
+            scope: Scope::All,
+            identity: None,
+            metrics: None,
+            readiness: Arc::default(),
+            leadership: Leadership::always(),
+            shutdown: CancellationToken::new(),
+            reconcile_interval: Duration::ZERO,
+            shutdown_delay: Duration::ZERO,
+        }
+    }
+
+    #[must_use]
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    #[must_use]
+    pub fn identity(mut self, identity: String) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    #[must_use]
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    #[must_use]
+    pub fn readiness(mut self, readiness: Arc<Readiness>) -> Self {
+        self.readiness = readiness;
+        self
+    }
+
+    #[must_use]
+    pub fn leadership(mut self, leadership: Leadership) -> Self {
+        self.leadership = leadership;
+        self
+    }
+
+    #[must_use]
+    pub fn shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    #[must_use]
+    pub fn reconcile_interval(mut self, interval: Duration) -> Self {
+        self.reconcile_interval = interval;
+        self
+    }
+
+    #[must_use]
+    pub fn shutdown_delay(mut self, delay: Duration) -> Self {
+        self.shutdown_delay = delay;
+        self
+    }
+
+    pub fn build(self) -> Runtime {
+        let identity = self.identity.unwrap_or_else(|| self.info.name.to_string());
+        let metrics = self
+            .metrics
+            .unwrap_or_else(|| Metrics::new(self.info.name, self.info.version));
+        Runtime {
+            inner: Arc::new(Inner {
+                events: Events::new(self.client.clone(), self.info.name, Some(identity.clone())),
+                info: self.info,
+                client: self.client,
+                scope: self.scope,
+                identity,
+                metrics,
+                readiness: self.readiness,
+                leadership: self.leadership,
+                shutdown: self.shutdown,
+                reconcile_interval: self.reconcile_interval,
+                shutdown_delay: self.shutdown_delay,
+            }),
+        }
+    }
 }
 
 impl Runtime {
+    pub fn info(&self) -> &OperatorInfo {
+        &self.inner.info
+    }
+
+    /// The home cluster's client.
     pub fn client(&self) -> &Client {
         &self.inner.client
     }
@@ -71,17 +222,22 @@ impl Runtime {
         &self.inner.scope
     }
 
-    /// An API handle for a namespaced kind, over all namespaces or the one watched.
+    /// An API handle for a kind: over the watched namespace (or all) for namespaced kinds,
+    /// cluster-wide for cluster-scoped ones.
     pub fn api<K>(&self) -> Api<K>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+        K: Resource<DynamicType = ()>,
+        K::Scope: ApiScope,
     {
-        match &self.inner.scope {
-            Scope::All => Api::all(self.inner.client.clone()),
-            Scope::Namespace(ns) => Api::namespaced(self.inner.client.clone(), ns),
-        }
+        K::Scope::api(self.inner.client.clone(), &self.inner.scope)
     }
 
+    /// This replica's name: the lease holder identity and the events' reporting instance.
+    pub fn identity(&self) -> &str {
+        &self.inner.identity
+    }
+
+    /// The home cluster's events writer.
     pub fn events(&self) -> &Events {
         &self.inner.events
     }
@@ -94,7 +250,13 @@ impl Runtime {
         &self.inner.readiness
     }
 
-    /// The least time between the starts of two reconciles of one object (`--reconcile-interval-ms`).
+    /// Whether this replica leads now.
+    pub fn leadership(&self) -> &Leadership {
+        &self.inner.leadership
+    }
+
+    /// The least time between the starts of two reconciles of one object, for controllers that
+    /// do not set their own (`--reconcile-interval-ms`).
     pub fn reconcile_interval(&self) -> Duration {
         self.inner.reconcile_interval
     }
@@ -104,34 +266,73 @@ impl Runtime {
         &self.inner.shutdown
     }
 
+    /// Resolves when services should stop listening: `--shutdown-delay-seconds` after the
+    /// process was asked to stop, so that Services have stopped routing to this replica.
+    pub async fn stop_serving(&self) {
+        self.inner.shutdown.cancelled().await;
+        tokio::time::sleep(self.inner.shutdown_delay).await;
+    }
+
     /// The server-side-apply field manager for everything this operator writes.
     pub fn field_manager(&self) -> &'static str {
         self.inner.info.name
     }
+
+    /// Runs `work` while this replica leads: started each time it wins the lease, dropped at
+    /// once (cancelling whatever it was doing) when it loses it. Returns when `work` returns
+    /// (it should, once [`Runtime::shutdown_token`] is cancelled), or at shutdown while
+    /// standing by.
+    pub async fn while_leading<F, Fut>(&self, what: &'static str, mut work: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let mut leadership = self.leadership().clone();
+        loop {
+            let term = tokio::select! {
+                term = leadership.acquired() => term,
+                () = self.shutdown_token().cancelled() => return,
+            };
+            if self.shutdown_token().is_cancelled() {
+                return;
+            }
+            tracing::info!(work = what, term, "leading: starting leader-only work");
+            tokio::select! {
+                () = work() => return,
+                () = leadership.ended(term) => {
+                    tracing::warn!(work = what, term, "no longer leading: stopped leader-only work");
+                }
+            }
+        }
+    }
 }
 
-/// The whole `main` of an operator binary: returns the process exit code.
+/// The whole `main` of an operator binary whose own flags are `A` ([`cli::NoArgs`] for none):
+/// returns the process exit code.
 ///
-/// `run` starts the operator's controllers with the [`Runtime`] and returns once they have
-/// stopped (they stop when [`Runtime::shutdown_token`] is cancelled).
-pub fn main<F, Fut, E>(info: OperatorInfo, run: F) -> ExitCode
+/// `body` runs on every replica with the [`Runtime`] and the operator's flags; it starts the
+/// operator's services and leader-only work and returns once they have stopped (they stop when
+/// [`Runtime::shutdown_token`] is cancelled).
+pub fn main<A, F, Fut, E>(info: OperatorInfo, body: F) -> ExitCode
 where
-    F: FnOnce(Runtime) -> Fut,
+    A: Args + FromArgMatches,
+    F: FnOnce(Runtime, A) -> Fut,
     Fut: Future<Output = Result<(), E>>,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Into<BoxError>,
 {
-    let action = match cli::parse(info.name, info.about, info.version, std::env::args_os()) {
-        Ok(action) => action,
-        Err(err) => {
-            let _ = err.print();
-            return ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2));
-        }
-    };
+    let action =
+        match cli::parse::<A, _, _>(info.name, info.about, info.version, std::env::args_os()) {
+            Ok(action) => action,
+            Err(err) => {
+                let _ = err.print();
+                return ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2));
+            }
+        };
     let args = match action {
         Action::PrintCrds => return print_crds(&info),
         Action::Run(args) => args,
     };
-    if let Err(err) = crate::telemetry::init(args.log_format, &args.log_level) {
+    if let Err(err) = crate::telemetry::init(args.kit.log_format, &args.kit.log_level) {
         eprintln!("{}: {err}", info.name);
         return ExitCode::from(2);
     }
@@ -145,7 +346,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run_operator(info, args, run)) {
+    match runtime.block_on(run_operator(info, args, body)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %err, "operator stopped with an error");
@@ -168,16 +369,18 @@ fn print_crds(info: &OperatorInfo) -> ExitCode {
 }
 
 /// Runs the operator until shutdown; see the module docs for the sequence.
-pub async fn run_operator<F, Fut, E>(
+pub async fn run_operator<A, F, Fut, E>(
     info: OperatorInfo,
-    args: RunArgs,
-    run: F,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    args: RunArgs<A>,
+    body: F,
+) -> Result<(), BoxError>
 where
-    F: FnOnce(Runtime) -> Fut,
+    A: Args,
+    F: FnOnce(Runtime, A) -> Fut,
     Fut: Future<Output = Result<(), E>>,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Into<BoxError>,
 {
+    let RunArgs { kit, operator } = args;
     let config = kube::Config::infer().await.map_err(KitError::Kubeconfig)?;
     let client = Client::try_from(config).map_err(KitError::Client)?;
     let shutdown = CancellationToken::new();
@@ -187,132 +390,96 @@ where
     let readiness = Arc::new(Readiness::default());
     let stop_servers = CancellationToken::new();
     let servers = Servers::start(
-        args.metrics_addr,
-        args.health_addr,
+        kit.metrics_addr,
+        kit.health_addr,
         metrics.clone(),
         readiness.clone(),
         stop_servers.clone(),
     )
     .await?;
 
-    let identity = args.identity.clone().unwrap_or_else(default_identity);
-    let (state_tx, mut state) = watch::channel(Leadership::StandingBy);
+    let identity = kit.identity.clone().unwrap_or_else(default_identity);
     let release = CancellationToken::new();
-    let elector = if args.leader_elect {
-        let mut lease = LeaseConfig::new(
-            args.lease_name
-                .clone()
-                .unwrap_or_else(|| info.name.to_string()),
-            args.lease_namespace
-                .clone()
-                .unwrap_or_else(default_namespace),
-            identity.clone(),
-        );
-        lease.duration = args.lease_duration();
-        lease.renew_deadline = lease.duration.mul_f64(2.0 / 3.0);
-        tracing::info!(lease = %lease.name, namespace = %lease.namespace, %identity, "standing by for leadership");
-        readiness.set_phase(Phase::StandingBy);
-        let elector = LeaderElector::new(client.clone(), lease);
-        Some(tokio::spawn(elector.run(state_tx, release.clone())))
-    } else {
-        state_tx.send_replace(Leadership::Leading);
-        None
-    };
+    let (leadership, elector) = campaign(&info, &kit, &client, &identity, &release);
+    tokio::spawn(crate::metrics::follow_leadership(
+        metrics.clone(),
+        leadership.clone(),
+    ));
+    let runtime = RuntimeBuilder::new(info, client)
+        .scope(match &kit.namespace {
+            Some(ns) => Scope::Namespace(ns.clone()),
+            None => Scope::All,
+        })
+        .identity(identity)
+        .metrics(metrics.clone())
+        .readiness(readiness.clone())
+        .leadership(leadership)
+        .shutdown(shutdown.clone())
+        .reconcile_interval(kit.reconcile_interval())
+        .shutdown_delay(kit.shutdown_delay())
+        .build();
+    tracing::info!(scope = ?runtime.scope(), identity = %runtime.identity(), "starting");
 
-    let leadership = tokio::select! {
-        () = shutdown.cancelled() => None,
-        leadership = state.wait_for(|s| *s != Leadership::StandingBy) => Some(leadership.map(|s| *s)),
-    };
-    let result = match leadership {
-        None => Ok(()),
-        Some(Ok(Leadership::Leading)) => {
-            lead(
-                info, &args, client, identity, &metrics, &readiness, &shutdown, &mut state, run,
-            )
-            .await
+    let mut work = Box::pin(body(runtime, operator));
+    let result: Result<(), BoxError> = tokio::select! {
+        result = &mut work => match result {
+            Err(err) => Err(err.into()),
+            Ok(()) if shutdown.is_cancelled() => Ok(()),
+            Ok(()) => Err("the operator stopped without being asked to".into()),
+        },
+        () = shutdown.cancelled() => {
+            readiness.set_stopping();
+            tracing::info!(timeout = ?kit.shutdown_timeout(), "shutting down: finishing in-flight work");
+            match tokio::time::timeout(kit.shutdown_timeout(), &mut work).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => {
+                    tracing::warn!("in-flight work did not finish within the shutdown timeout; abandoning it");
+                    Ok(())
+                }
+            }
         }
-        Some(_) => Err("lost the leader lease before leading".into()),
     };
-
-    readiness.set_phase(Phase::ShuttingDown);
+    // Dropping the body cancels whatever it still runs, so nothing acts once the lease is free.
+    drop(work);
+    readiness.set_stopping();
     shutdown.cancel();
     release.cancel();
-    if let Some(elector) = elector {
-        match elector.await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::warn!(error = %err, "leader election ended with an error"),
-            Err(err) => tracing::warn!(error = %err, "leader election task failed"),
-        }
+    if let Some(elector) = elector
+        && let Err(err) = elector.await
+    {
+        tracing::warn!(error = %err, "leader election task failed");
     }
-    metrics.leader.set(0);
     stop_servers.cancel();
     servers.join().await?;
     tracing::info!("stopped");
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn lead<F, Fut, E>(
-    info: OperatorInfo,
-    args: &RunArgs,
-    client: Client,
-    identity: String,
-    metrics: &Metrics,
-    readiness: &Arc<Readiness>,
-    shutdown: &CancellationToken,
-    state: &mut watch::Receiver<Leadership>,
-    run: F,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    F: FnOnce(Runtime) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    readiness.set_phase(Phase::Leading);
-    metrics.leader.set(1);
-    let scope = match &args.namespace {
-        Some(ns) => Scope::Namespace(ns.clone()),
-        None => Scope::All,
-    };
-    tracing::info!(?scope, "starting controllers");
-    let runtime = Runtime {
-        inner: Arc::new(Inner {
-            info,
-            events: Events::new(client.clone(), info.name, Some(identity)),
-            client,
-            scope,
-            metrics: metrics.clone(),
-            readiness: readiness.clone(),
-            shutdown: shutdown.clone(),
-            reconcile_interval: args.reconcile_interval(),
-        }),
-    };
-    let work = run(runtime);
-    tokio::pin!(work);
-    let drained = async {
-        shutdown.cancelled().await;
-        readiness.set_phase(Phase::ShuttingDown);
-        tracing::info!(timeout = ?args.shutdown_timeout(), "shutting down: finishing in-flight work");
-        tokio::time::sleep(args.shutdown_timeout()).await;
-    };
-    tokio::select! {
-        result = &mut work => {
-            result.map_err(Into::into)?;
-            if shutdown.is_cancelled() {
-                Ok(())
-            } else {
-                Err("the operator's controllers stopped without being asked to".into())
-            }
-        }
-        _ = state.wait_for(|s| *s == Leadership::Lost) => {
-            // Dropping `work` cancels every in-flight reconcile right here.
-            Err("lost the leader lease; stopped all work".into())
-        }
-        () = drained => {
-            tracing::warn!("in-flight work did not finish within the shutdown timeout; abandoning it");
-            Ok(())
-        }
+/// Starts the election when asked for; without it this replica always leads.
+fn campaign(
+    info: &OperatorInfo,
+    kit: &KitArgs,
+    client: &Client,
+    identity: &str,
+    release: &CancellationToken,
+) -> (Leadership, Option<tokio::task::JoinHandle<()>>) {
+    if !kit.leader_elect {
+        return (Leadership::always(), None);
     }
+    let mut lease = LeaseConfig::new(
+        kit.lease_name
+            .clone()
+            .unwrap_or_else(|| info.name.to_string()),
+        kit.lease_namespace.clone().unwrap_or_else(own_namespace),
+        identity.to_string(),
+    );
+    lease.duration = kit.lease_duration();
+    lease.renew_deadline = lease.duration.mul_f64(2.0 / 3.0);
+    tracing::info!(lease = %lease.name, namespace = %lease.namespace, %identity, "standing by for leadership");
+    let (standing, leadership) = Leadership::channel();
+    let elector = LeaderElector::new(client.clone(), lease);
+    let task = tokio::spawn(elector.run(standing, release.clone()));
+    (leadership, Some(task))
 }
 
 fn listen_for_signals(shutdown: CancellationToken) -> std::io::Result<()> {
@@ -337,7 +504,9 @@ fn listen_for_signals(shutdown: CancellationToken) -> std::io::Result<()> {
 
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
-fn default_namespace() -> String {
+/// The namespace this replica runs in: `POD_NAMESPACE`, then the in-cluster service account's
+/// namespace, then `gantry-system`. Where the lease and the operator's own Secrets live.
+pub fn own_namespace() -> String {
     std::env::var("POD_NAMESPACE")
         .ok()
         .filter(|ns| !ns.is_empty())
@@ -358,4 +527,119 @@ fn default_identity() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "gantry".to_string());
     format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::leader::Standing;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// Sets its flag while alive: tells whether leader-only work is running now.
+    struct Running(Arc<AtomicBool>);
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+
+    async fn until(what: &str, condition: impl Fn() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            while !condition() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn leader_only_work_runs_per_term_and_stops_the_moment_the_lease_is_lost() {
+        let (standing, leadership) = Leadership::channel();
+        let base = crate::testing::test_runtime();
+        let runtime = RuntimeBuilder::new(*base.info(), base.client().clone())
+            .leadership(leadership)
+            .build();
+        let (starts, running) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let task = {
+            let (runtime, starts, running) = (runtime.clone(), starts.clone(), running.clone());
+            tokio::spawn(async move {
+                let shutdown = runtime.shutdown_token().clone();
+                runtime
+                    .while_leading("test", || {
+                        starts.fetch_add(1, Ordering::SeqCst);
+                        running.store(true, Ordering::SeqCst);
+                        let guard = Running(running.clone());
+                        let shutdown = shutdown.clone();
+                        async move {
+                            shutdown.cancelled().await;
+                            drop(guard);
+                        }
+                    })
+                    .await;
+            })
+        };
+        standing.send_replace(Standing {
+            leading: true,
+            term: 1,
+        });
+        until("the first term's work", || running.load(Ordering::SeqCst)).await;
+        standing.send_replace(Standing {
+            leading: false,
+            term: 1,
+        });
+        until("the work to stop with the lease", || {
+            !running.load(Ordering::SeqCst)
+        })
+        .await;
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
+        standing.send_replace(Standing {
+            leading: true,
+            term: 2,
+        });
+        until("the second term's work", || running.load(Ordering::SeqCst)).await;
+        assert_eq!(starts.load(Ordering::SeqCst), 2);
+        runtime.shutdown_token().cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("returns at shutdown")
+            .expect("joins");
+        assert!(!running.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_term_that_ends_and_a_new_one_that_begins_at_once_still_restart_the_work() {
+        let (standing, mut leadership) = Leadership::channel();
+        standing.send_replace(Standing {
+            leading: true,
+            term: 1,
+        });
+        assert_eq!(leadership.acquired().await, 1);
+        // Lost and won back before anyone looked: the old term is over all the same.
+        standing.send_replace(Standing {
+            leading: false,
+            term: 1,
+        });
+        standing.send_replace(Standing {
+            leading: true,
+            term: 2,
+        });
+        tokio::time::timeout(Duration::from_secs(1), leadership.ended(1))
+            .await
+            .expect("term 1 is over");
+        assert_eq!(leadership.acquired().await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_replica_without_election_leads_for_good() {
+        let mut leadership = Leadership::always();
+        assert!(leadership.is_leading());
+        assert_eq!(leadership.acquired().await, 1);
+        let ended = tokio::time::timeout(Duration::from_millis(50), leadership.ended(1)).await;
+        assert!(ended.is_err(), "the only term never ends");
+    }
 }

@@ -7,6 +7,12 @@
 //! than the lease duration) steps down before anyone else may take over, and on shutdown the
 //! leader keeps renewing until its work has drained, then releases the Lease so a standby takes
 //! over at its next poll instead of waiting for expiry.
+//!
+//! The election gates only the work that must not run twice ([`Leadership`]): a replica that
+//! loses the lease stops that work at once and stands by again, while what it serves on every
+//! replica (webhooks, extenders, caches) carries on. Every change of standing is logged with a
+//! `leadership` field (`acquired` or `ended`) and the term, so that a test can check from the
+//! logs alone that no two replicas ever led at once.
 
 pub mod decide;
 
@@ -20,7 +26,6 @@ use kube::api::PostParams;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::KitError;
 use decide::{Decision, LeaseRecord, Observer, renewal_overdue};
 
 /// Where the Lease lives and how it is timed.
@@ -53,15 +58,80 @@ impl LeaseConfig {
     }
 }
 
-/// Where this replica stands.
+/// Where this replica stands, as the election publishes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Leadership {
-    /// Waiting for the lease; healthy, doing no work.
-    StandingBy,
-    /// Holding the lease; the only replica allowed to act.
-    Leading,
-    /// Held the lease and lost it: the process must stop acting at once.
-    Lost,
+pub struct Standing {
+    /// Whether this replica holds the lease now and may do the work that must not run twice.
+    pub leading: bool,
+    /// Counts the terms this replica has led, the current one included: a replica that loses
+    /// the lease and wins it back is in a new term, so work tied to the old one can tell.
+    pub term: u64,
+}
+
+/// Whether this replica leads now, for work that must not run on two replicas at once.
+/// Cheap to clone; every clone sees the same election.
+#[derive(Clone, Debug)]
+pub struct Leadership {
+    standing: watch::Receiver<Standing>,
+}
+
+impl Leadership {
+    /// A replica that does not take part in an election leads from the start, for good.
+    pub fn always() -> Self {
+        let (sender, standing) = watch::channel(Standing {
+            leading: true,
+            term: 1,
+        });
+        // A receiver still reads the last value once its sender is gone, which is all a lone
+        // replica needs.
+        drop(sender);
+        Self { standing }
+    }
+
+    /// A handle on an election that `sender` publishes to.
+    pub fn channel() -> (watch::Sender<Standing>, Self) {
+        let (sender, standing) = watch::channel(Standing {
+            leading: false,
+            term: 0,
+        });
+        (sender, Self { standing })
+    }
+
+    /// What the election says now.
+    pub fn standing(&self) -> Standing {
+        *self.standing.borrow()
+    }
+
+    pub fn is_leading(&self) -> bool {
+        self.standing().leading
+    }
+
+    /// Waits for the next change of standing; false once the election is over for good.
+    pub async fn changed(&mut self) -> bool {
+        self.standing.changed().await.is_ok()
+    }
+
+    /// Waits until this replica leads; returns the term.
+    pub async fn acquired(&mut self) -> u64 {
+        let waited = self.standing.wait_for(|s| s.leading).await.map(|s| s.term);
+        match waited {
+            Ok(term) => term,
+            // The election is over (a lone replica's, or one that ended at shutdown): it is
+            // whatever it last said, for good.
+            Err(_) if self.is_leading() => self.standing().term,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Waits until `term` is over: the lease was lost (or released), even if a later term has
+    /// begun since.
+    pub async fn ended(&mut self, term: u64) {
+        let over = |s: &Standing| !s.leading || s.term != term;
+        let closed = self.standing.wait_for(over).await.is_err();
+        if closed && !over(&self.standing()) {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 enum Outcome {
@@ -87,14 +157,12 @@ impl LeaderElector {
         }
     }
 
-    /// Campaigns and renews until `release` is cancelled, publishing each change of
-    /// leadership on `state`; then releases the Lease if held. Returns an error when leadership
-    /// was lost, so the caller can stop all work.
-    pub async fn run(
-        mut self,
-        state: watch::Sender<Leadership>,
-        release: CancellationToken,
-    ) -> Result<(), KitError> {
+    /// Campaigns and renews until `release` is cancelled, publishing each change of standing
+    /// on `standing`; then releases the Lease if held. A leader that loses the lease (another
+    /// replica holds it, or it could not renew in time) publishes that it no longer leads at
+    /// once, so its leader-only work stops, and campaigns again.
+    pub async fn run(mut self, standing: watch::Sender<Standing>, release: CancellationToken) {
+        let mut term: u64 = 0;
         let mut leading = false;
         let mut last_renewed = Instant::now();
         loop {
@@ -105,12 +173,14 @@ impl LeaderElector {
                     last_renewed = now;
                     if !leading {
                         leading = true;
-                        tracing::info!(lease = %self.config.name, identity = %self.config.identity, "acquired leadership");
-                        state.send_replace(Leadership::Leading);
+                        term += 1;
+                        tracing::info!(lease = %self.config.name, identity = %self.config.identity, term, leadership = "acquired", "acquired leadership");
+                        standing.send_replace(Standing { leading, term });
                     }
                 }
                 Ok(Outcome::NotLeading) if leading => {
-                    return self.lose(&state, "another replica holds the lease");
+                    leading = false;
+                    self.lose(&standing, term, "another replica holds the lease");
                 }
                 Ok(Outcome::NotLeading) => {}
                 Ok(Outcome::Unconfirmed) => {
@@ -121,7 +191,8 @@ impl LeaderElector {
                 }
             }
             if leading && renewal_overdue(last_renewed, now, self.config.renew_deadline) {
-                return self.lose(&state, "could not renew within the renew deadline");
+                leading = false;
+                self.lose(&standing, term, "could not renew within the renew deadline");
             }
             tokio::select! {
                 () = release.cancelled() => break,
@@ -129,18 +200,22 @@ impl LeaderElector {
             }
         }
         if leading {
+            // The caller cancels `release` only once leader-only work has stopped.
+            tracing::info!(lease = %self.config.name, identity = %self.config.identity, term, leadership = "ended", "stopped leading; releasing the lease");
+            standing.send_replace(Standing {
+                leading: false,
+                term,
+            });
             self.release().await;
         }
-        Ok(())
     }
 
-    fn lose(&self, state: &watch::Sender<Leadership>, reason: &str) -> Result<(), KitError> {
-        tracing::error!(lease = %self.config.name, reason, "lost leadership");
-        state.send_replace(Leadership::Lost);
-        Err(KitError::LeadershipLost {
-            lease: format!("{}/{}", self.config.namespace, self.config.name),
-            reason: reason.to_string(),
-        })
+    fn lose(&self, standing: &watch::Sender<Standing>, term: u64, reason: &str) {
+        standing.send_replace(Standing {
+            leading: false,
+            term,
+        });
+        tracing::error!(lease = %self.config.name, identity = %self.config.identity, term, leadership = "ended", reason, "lost leadership; stopped leader-only work");
     }
 
     async fn try_once(&mut self) -> Result<Outcome, kube::Error> {

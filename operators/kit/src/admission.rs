@@ -124,11 +124,12 @@ mod tests {
         let metrics = runtime.metrics().admission.clone();
         let router = Router::new().route("/validate", route("/validate", metrics, deny_labelled));
         let https = runtime
-            .serve_https(
+            .serve_https_with(
                 "hooks",
                 "127.0.0.1:0".parse().expect("addr"),
                 router,
                 certificates,
+                std::time::Duration::from_secs(60),
             )
             .await
             .expect("listens");

@@ -482,17 +482,17 @@ where
         Some(ns) => Api::namespaced_with(runtime.client().clone(), ns, &resource),
         None => Api::all_with(runtime.client().clone(), &resource),
     };
+    // A merge patch, not server-side apply: apply would need the stored object to fit the
+    // schema's types, which is what an undecodable object may not do.
     let body = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
         "status": { "observedGeneration": meta.generation, "conditions": summary },
     });
-    api.patch_status(
-        &name,
-        &crate::apply::apply_params(runtime.field_manager(), true),
-        &kube::api::Patch::Apply(body),
-    )
-    .await?;
+    let params = kube::api::PatchParams {
+        field_manager: Some(runtime.field_manager().to_string()),
+        ..kube::api::PatchParams::default()
+    };
+    api.patch_status(&name, &params, &kube::api::Patch::Merge(body))
+        .await?;
     Ok(())
 }
 

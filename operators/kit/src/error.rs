@@ -34,6 +34,8 @@ pub enum KitError {
     Runtime(#[source] std::io::Error),
     #[error("could not set up TLS: {0}")]
     Tls(#[source] rustls::Error),
+    #[error("no serving certificate: {0}")]
+    Certificates(#[from] crate::certs::CertError),
 }
 
 /// How a reconcile error should be retried.

@@ -10,20 +10,23 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
+use clap::Args;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
-use crate::certs::{self, Certificates};
+use crate::certs::{self, Certificates, TlsArgs, parse_duration};
 use crate::error::KitError;
 use crate::metrics::HttpMetrics;
 use crate::runtime::Runtime;
@@ -32,6 +35,22 @@ use crate::runtime::Runtime;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open requests may take to finish once the service stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an aged connection may stay idle before it is closed (clients' own idle timeouts
+/// are shorter: Go's is 90 s, and the API server reconnects at once when it needs to).
+const IDLE_AFTER_AGE: Duration = Duration::from_secs(120);
+
+/// An HTTPS service's flags: where its certificate comes from, and how long a client may keep
+/// one connection. Flatten into an operator's own flags.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct HttpsArgs {
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// A client connection this old gets `Connection: close` with its next answer, so that
+    /// clients reconnect: they meet a rotated certificate, and new replicas get their share,
+    /// soon (Go duration).
+    #[arg(long, env = "GANTRY_HTTPS_MAX_CONNECTION_AGE", default_value = "60s", value_parser = parse_duration)]
+    pub https_max_connection_age: Duration,
+}
 
 /// A running HTTPS service.
 pub struct Https {
@@ -74,14 +93,35 @@ async fn measure(
 }
 
 impl Runtime {
-    /// Serves `router` over HTTPS on `addr` on this replica, presenting what `certificates`
-    /// holds, until shutdown. Returns once it listens; [`Https::join`] waits for it to stop.
+    /// Serves `router` over HTTPS on `addr` on this replica, with certificates as `args` says
+    /// ([`Runtime::certificates`]), until shutdown. Returns once it listens; [`Https::join`]
+    /// waits for it to stop.
     pub async fn serve_https(
         &self,
         name: &'static str,
         addr: SocketAddr,
         router: Router,
+        args: &HttpsArgs,
+    ) -> Result<Https, KitError> {
+        let certificates = self.certificates(name, &args.tls)?;
+        self.serve_https_with(
+            name,
+            addr,
+            router,
+            certificates,
+            args.https_max_connection_age,
+        )
+        .await
+    }
+
+    /// [`Runtime::serve_https`] presenting what `certificates` holds (kept current elsewhere).
+    pub async fn serve_https_with(
+        &self,
+        name: &'static str,
+        addr: SocketAddr,
+        router: Router,
         certificates: Certificates,
+        max_connection_age: Duration,
     ) -> Result<Https, KitError> {
         let listener = TcpListener::bind(addr)
             .await
@@ -120,25 +160,32 @@ impl Runtime {
                 check.set(true);
                 std::future::pending::<()>().await;
             };
-            let graceful = GracefulShutdown::new();
+            let closing = CancellationToken::new();
+            let mut connections = JoinSet::new();
             let accept = async {
                 loop {
                     match listener.accept().await {
-                        Ok((tcp, peer)) => tokio::spawn(connection(
-                            name,
-                            tcp,
-                            peer,
-                            acceptor.clone(),
-                            router.clone(),
-                            graceful.watcher(),
-                            metrics.clone(),
-                        )),
+                        Ok((tcp, peer)) => {
+                            connections.spawn(connection(
+                                name,
+                                tcp,
+                                peer,
+                                Connection {
+                                    acceptor: acceptor.clone(),
+                                    router: router.clone(),
+                                    metrics: metrics.clone(),
+                                    max_age: max_connection_age,
+                                    closing: closing.clone(),
+                                },
+                            ));
+                            // Forget connections that are done, so the set stays small.
+                            while connections.try_join_next().is_some() {}
+                        }
                         Err(err) => {
                             tracing::warn!(service = name, error = %err, "accept failed");
                             tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
                         }
-                    };
+                    }
                 }
             };
             tokio::select! {
@@ -148,10 +195,12 @@ impl Runtime {
             }
             check.set(false);
             drop(listener);
-            if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-                .await
-                .is_err()
-            {
+            closing.cancel();
+            let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                while connections.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
                 tracing::warn!(service = name, "open requests did not finish in time");
             }
             tracing::info!(service = name, "stopped serving HTTPS");
@@ -160,34 +209,75 @@ impl Runtime {
     }
 }
 
+/// What each connection needs.
+struct Connection {
+    acceptor: TlsAcceptor,
+    router: Router,
+    metrics: HttpMetrics,
+    max_age: Duration,
+    /// Cancelled when the service stops: finish the request in flight, then close.
+    closing: CancellationToken,
+}
+
 async fn connection(
     name: &'static str,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    router: Router,
-    watcher: hyper_util::server::graceful::Watcher,
-    metrics: HttpMetrics,
+    with: Connection,
 ) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, with.acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
             tracing::debug!(service = name, %peer, error = %err, "TLS handshake failed");
-            metrics.handshake_failed(name);
+            with.metrics.handshake_failed(name);
             return;
         }
         Err(_) => {
             tracing::debug!(service = name, %peer, "TLS handshake timed out");
-            metrics.handshake_failed(name);
+            with.metrics.handshake_failed(name);
             return;
         }
     };
-    let service = TowerToHyperService::new(router);
+    // Past its maximum age, a connection answers its next request with `Connection: close`,
+    // so the client reconnects without a request ever meeting a closed socket (closing an
+    // idle connection races with a client writing its next request on it).
+    let aged = Arc::new(AtomicBool::new(false));
+    let service = {
+        let aged = Arc::clone(&aged);
+        tower::ServiceExt::<hyper::Request<hyper::body::Incoming>>::map_response(
+            with.router,
+            move |mut response: Response| {
+                if aged.load(Ordering::SeqCst) {
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                response
+            },
+        )
+    };
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .serve_connection(TokioIo::new(tls), service);
-    if let Err(err) = watcher.watch(connection).await {
+        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = async {
+            tokio::time::sleep(with.max_age).await;
+            aged.store(true, Ordering::SeqCst);
+            // A client that stays idle that long after is not coming back.
+            tokio::time::sleep(with.max_age.max(IDLE_AFTER_AGE)).await;
+        } => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        () = with.closing.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = served {
         tracing::debug!(service = name, %peer, error = %err, "connection ended with an error");
     }
 }
@@ -207,11 +297,12 @@ mod tests {
             .set(crate::certs::load_pem(cert_a.as_bytes(), key_a.as_bytes()).expect("loads"));
         let router = Router::new().route("/hello/{who}", get(|| async { "hi" }));
         let https = runtime
-            .serve_https(
+            .serve_https_with(
                 "test",
                 "127.0.0.1:0".parse().expect("addr"),
                 router,
                 certificates.clone(),
+                Duration::from_secs(60),
             )
             .await
             .expect("listens");
@@ -258,15 +349,81 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_is_closed_once_it_is_older_than_the_maximum_age() {
+        use rustls::pki_types::ServerName;
+        use rustls::pki_types::pem::PemObject as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let runtime = test_runtime();
+        let (cert, key) = crate::testing::self_signed(&["127.0.0.1"]);
+        let certificates = Certificates::empty("aging");
+        certificates.set(crate::certs::load_pem(cert.as_bytes(), key.as_bytes()).expect("loads"));
+        let https = runtime
+            .serve_https_with(
+                "aging",
+                "127.0.0.1:0".parse().expect("addr"),
+                Router::new(),
+                certificates,
+                Duration::from_millis(300),
+            )
+            .await
+            .expect("listens");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).expect("pem"))
+            .expect("root");
+        let config = rustls::ClientConfig::builder_with_provider(crate::certs::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(https.addr)
+            .await
+            .expect("connects");
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("127.0.0.1").expect("name"), tcp)
+            .await
+            .expect("handshakes");
+        let mut buffer = [0u8; 1024];
+        let mut ask = async |tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
+            tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                .await
+                .expect("writes");
+            let read = tls.read(&mut buffer).await.expect("reads");
+            String::from_utf8_lossy(&buffer[..read]).to_lowercase()
+        };
+        // A young connection stays open for the next request...
+        let first = ask(&mut tls).await;
+        assert!(
+            first.starts_with("http/1.1 200") && !first.contains("connection: close"),
+            "{first}"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // ...an aged one answers once more, saying it closes, and closes.
+        let last = ask(&mut tls).await;
+        assert!(
+            last.starts_with("http/1.1 200") && last.contains("connection: close"),
+            "{last}"
+        );
+        let after = tls.read(&mut buffer).await;
+        assert!(
+            matches!(after, Ok(0) | Err(_)),
+            "closed after the answer: {after:?}"
+        );
+        runtime.shutdown_token().cancel();
+        https.join().await;
+    }
+
+    #[tokio::test]
     async fn ready_only_while_listening_with_a_certificate() {
         let runtime = test_runtime();
         let certificates = Certificates::empty("late");
         let https = runtime
-            .serve_https(
+            .serve_https_with(
                 "late",
                 "127.0.0.1:0".parse().expect("addr"),
                 Router::new(),
                 certificates.clone(),
+                Duration::from_secs(60),
             )
             .await
             .expect("listens");

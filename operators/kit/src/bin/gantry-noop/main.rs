@@ -17,8 +17,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use axum::Router;
-use gantry_kit::certs::TlsArgs;
 use gantry_kit::events::{EventType, Reason};
+use gantry_kit::https::HttpsArgs;
 use gantry_kit::index::Index;
 use gantry_kit::runtime::{self, BoxError, OperatorInfo, Runtime};
 use gantry_kit::{ErrorClass, ReconcileError, admission};
@@ -59,7 +59,7 @@ struct NoopArgs {
     #[arg(long, env = "GANTRY_WEBHOOK_ADDR")]
     webhook_addr: Option<SocketAddr>,
     #[command(flatten)]
-    tls: TlsArgs,
+    https: HttpsArgs,
 }
 
 /// Observing cannot fail; the kit still needs an error type.
@@ -143,14 +143,13 @@ async fn validate(request: AdmissionRequest<DynamicObject>) -> AdmissionResponse
 async fn run(runtime: Runtime, args: NoopArgs) -> Result<(), BoxError> {
     let webhook = match args.webhook_addr {
         Some(addr) => {
-            let certificates = runtime.certificates("webhook", &args.tls)?;
             let routes = Router::new().route(
                 "/validate",
                 admission::route("/validate", runtime.metrics().admission.clone(), validate),
             );
             Some(
                 runtime
-                    .serve_https("webhook", addr, routes, certificates)
+                    .serve_https("webhook", addr, routes, &args.https)
                     .await?,
             )
         }

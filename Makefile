@@ -51,20 +51,23 @@ clippy: ## Lint all Rust code; warnings are errors.
 unit: ## Unit and in-process integration tests (no cluster needed).
 	$(CARGO) test --workspace --exclude gantry-e2e
 
-.PHONY: crds
-crds: ## Regenerate crds/*.yaml and the charts' copies from the operators.
-	$(CARGO) xtask crds
+.PHONY: generate
+generate: ## Regenerate crds/*.yaml, the charts' copies and every operator chart's values.schema.json.
+	$(CARGO) xtask generate
 
-.PHONY: crds-check
-crds-check: ## Fail if a generated CRD file is stale.
-	$(CARGO) xtask crds --check
+.PHONY: crds
+crds: generate ## The same as `make generate`.
+
+.PHONY: generate-check
+generate-check: ## Fail if a generated file (CRDs, chart values schemas) is stale.
+	$(CARGO) xtask generate --check
 
 .PHONY: charts
 charts: tools ## Lint, render and check every chart with Helm 3 and Helm 4.
 	$(CARGO) xtask charts --helm $(HELM3) --helm $(HELM4)
 
 .PHONY: check
-check: fmt-check clippy crds-check charts ## Static checks: format, lint, generated files, charts.
+check: fmt-check clippy generate-check charts ## Static checks: format, lint, generated files, charts.
 
 .PHONY: test
 test: check unit test-e2e ## Everything: static checks, unit tests and the end-to-end tests.

@@ -50,7 +50,11 @@ subjects:
   - kind: ServiceAccount
     name: {{ include "gantry.serviceAccountName" . }}
     namespace: {{ .Release.Namespace }}
-{{- if include "gantry.leaderElect" . }}
+{{- if include "gantry.webhookRbac" . }}
+---
+{{ include "gantry.webhookRbac" . }}
+{{- end }}
+{{- if and (include "gantry.leaderElect" .) (not (include "gantry.nodeAgent" .)) }}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: Role

@@ -22,3 +22,8 @@ revisions it owns; pod status for the readiness gate. Nothing else.
   resources: ["controllerrevisions"]
   verbs: ["get", "list", "watch", "create", "delete"]
 {{- end -}}
+
+{{/* The operator has no flags of its own. */}}
+{{- define "gray-upgrade.args" -}}
+[]
+{{- end -}}

@@ -5,7 +5,9 @@
 #                                  scheduler, kubectl (one multi-call binary) and kwok
 #   make cluster-up [CLUSTER=name] [NODES=n] [CAPACITY="nvidia.com/gpu=8 ..."]
 #   make cluster-down [CLUSTER=name]   (without CLUSTER: every cluster)
-#   make test-e2e [KEEP_CLUSTER=1]     the end-to-end tests, on cluster "e2e"
+#   make test-e2e [KEEP_CLUSTER=1] [E2E_TEST_ARGS="-- kit::"]
+#                                  the end-to-end tests, on cluster "e2e" (and "e2e-remote" for
+#                                  the tests that span two clusters)
 #   make demo-cluster                  a cluster "gantry" and how to point kubectl at it
 
 GANTRY_CACHE ?= $(HOME)/.cache/gantry
@@ -46,17 +48,11 @@ test-e2e: k8s-bins ## End-to-end tests against a local cluster ("e2e"; stopped a
 	$(if $(HELM3),@$(MAKE) $(HELM3))
 	$(if $(HELM4),@$(MAKE) $(HELM4))
 	@bins=$$(GANTRY_CACHE=$(GANTRY_CACHE) GO=$(GO) $(E2E_BUILD)); \
-	  noop=$$($(CARGO) build --quiet -p gantry-kit --bin gantry-noop --message-format=json \
-	    | sed -n 's/.*"executable":"\([^"]*gantry-noop\)".*/\1/p' | tail -1); \
-	  test -n "$$noop" || { echo "could not build gantry-noop"; exit 1; }; \
-	  gray=$$($(CARGO) build --quiet -p gantry-gray-upgrade --bin gantry-gray-upgrade --message-format=json \
-	    | sed -n 's/.*"executable":"\([^"]*gantry-gray-upgrade\)".*/\1/p' | tail -1); \
-	  test -n "$$gray" || { echo "could not build gantry-gray-upgrade"; exit 1; }; \
 	  start=$$(date +%s); status=0; \
-	  GANTRY_K8S_BIN_DIR=$$bins GANTRY_NOOP_BIN=$$noop GANTRY_GRAY_UPGRADE_BIN=$$gray HELM3=$(HELM3) HELM4=$(HELM4) GANTRY_E2E_CLUSTER=e2e \
+	  GANTRY_K8S_BIN_DIR=$$bins HELM3=$(HELM3) HELM4=$(HELM4) GANTRY_E2E_CLUSTER=e2e \
 	    $(CARGO) test --no-fail-fast -p gantry-e2e $(E2E_TEST_ARGS) || status=$$?; \
 	  echo "test-e2e: $$(( $$(date +%s) - start )) s"; \
-	  if [ -z "$(KEEP_CLUSTER)" ]; then $(E2E_CLUSTER_CLI) down --name e2e; fi; \
+	  if [ -z "$(KEEP_CLUSTER)" ]; then $(E2E_CLUSTER_CLI) down --name e2e; $(E2E_CLUSTER_CLI) down --name e2e-remote; fi; \
 	  exit $$status
 
 .PHONY: bench-cluster

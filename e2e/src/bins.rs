@@ -76,16 +76,29 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// One of the workspace's own binaries: the path in `env_var` when set (how `make test-e2e`
-/// hands over what it built), else built here with cargo (`release` for benchmarks).
-pub fn workspace_binary(
-    env_var: &str,
-    package: &str,
-    binary: &str,
-    release: bool,
-) -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os(env_var).filter(|v| !v.is_empty()) {
+/// The variable that names a prebuilt workspace binary: `GANTRY_BIN_GANTRY_NOOP` for
+/// `gantry-noop`.
+pub fn binary_env(binary: &str) -> String {
+    format!("GANTRY_BIN_{}", binary.to_uppercase().replace('-', "_"))
+}
+
+/// One of the workspace's own binaries: the path in [`binary_env`] when set (a benchmark's
+/// release build, say), else built here with cargo (`release` for benchmarks), once per
+/// process. The one way tests and benchmarks find the operators they run.
+pub fn workspace_binary(package: &str, binary: &str, release: bool) -> Result<PathBuf> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock, PoisonError};
+    if let Some(path) = std::env::var_os(binary_env(binary)).filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(path));
+    }
+    static BUILT: OnceLock<Mutex<HashMap<(String, bool), PathBuf>>> = OnceLock::new();
+    // Held while building: concurrent tests wait for one build instead of racing cargo.
+    let mut built = BUILT
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(path) = built.get(&(binary.to_string(), release)) {
+        return Ok(path.clone());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut args = vec![
@@ -104,15 +117,19 @@ pub fn workspace_binary(
         .current_dir(repo_root())
         .args(&args)
         .output()?;
-    let built = String::from_utf8_lossy(&out.stdout)
+    let path = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
         .find(|p| p.ends_with(binary));
-    match built {
-        Some(path) => Ok(path),
+    match path {
+        Some(path) => {
+            built.insert((binary.to_string(), release), path.clone());
+            Ok(path)
+        }
         None => bail!(
-            "could not build {binary} (set ${env_var} to a built one): {}",
+            "could not build {binary} (set ${} to a built one): {}",
+            binary_env(binary),
             String::from_utf8_lossy(&out.stderr)
         ),
     }

@@ -1,25 +1,34 @@
-//! Gantry's local Kubernetes for tests and the demo.
+//! Gantry's local Kubernetes for tests, benchmarks and the demo.
 //!
-//! - [`cluster`]: starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
-//!   kwok (fake nodes) as host processes on loopback, from the binaries `make k8s-bins` builds;
-//!   several named clusters can run side by side.
-//! - [`testing`]: the shared test cluster, a namespace per test, applying manifests and CRDs,
-//!   wait helpers whose timeouts show the objects and events involved.
-//! - [`operator`]: runs an operator binary on the host as the ServiceAccount its Helm chart
-//!   creates, so missing RBAC fails tests.
-//! - [`webhook`]: an HTTPS server on loopback for webhooks and scheduler extenders.
+//! Layers, each using only those above it:
+//! - [`process`], [`bins`], [`pki`], [`poll`], [`http`]: host processes, the binaries, TLS
+//!   material, the one poll primitive, loopback HTTP;
+//! - [`cluster`]: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok (fake
+//!   nodes) as host processes on loopback; several named clusters side by side;
+//! - [`diagnose`], [`wait`], [`manifest`]: what a failed wait shows, waiting for and watching
+//!   objects, applying manifests and CRDs, rendering charts;
+//! - [`testing`]: a test's cluster (the shared one or any other), client and namespace;
+//! - [`operator`]: the fixture that runs an operator on the host as the ServiceAccount its
+//!   Helm chart creates (so missing RBAC fails tests), one process per replica or per node;
+//! - [`webhook`]: an HTTPS server on loopback for webhooks and scheduler extenders, and
+//!   webhook configurations scoped to a test namespace.
 //!
-//! End-to-end tests live in `e2e/tests/` and run through `make test-e2e`.
+//! End-to-end tests live in `e2e/tests/e2e/` (one test binary) and run through
+//! `make test-e2e`.
 
 pub mod bins;
 pub mod cluster;
+pub mod diagnose;
 pub mod http;
+pub mod manifest;
 pub mod operator;
 pub mod pki;
-mod process;
+pub mod poll;
+pub mod process;
 pub mod testing;
+pub mod wait;
 pub mod webhook;
 
 pub use cluster::{Cluster, ClusterSpec, NodePool};
-pub use operator::{ChartIdentity, OperatorProcess};
+pub use operator::{Fixture, Operator, OperatorSpec};
 pub use testing::{TestEnv, TestNamespace};

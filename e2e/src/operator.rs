@@ -1,8 +1,18 @@
-//! Running an operator binary on the host against a test cluster, with the identity its Helm
-//! chart gives it: the chart is rendered with `helm template`, its ServiceAccount and RBAC are
-//! applied, and the operator gets a kubeconfig holding a token for that ServiceAccount
-//! (TokenRequest API). A rule missing from the chart therefore fails the test.
+//! Operators under test: an operator binary on the host with the identity its Helm chart gives
+//! it (the chart is rendered with `helm template`, its ServiceAccount and RBAC applied, and the
+//! operator gets a kubeconfig holding a token for that ServiceAccount, so a rule missing from
+//! the chart fails the test), started through one fixture by every test and benchmark.
+//!
+//! ```ignore
+//! let operator = Fixture::new(&env, operator::NOOP)
+//!     .replicas(2)
+//!     .flag("--probes")
+//!     .start()
+//!     .await?;
+//! let leader = operator.replicas()[0].is_leader().await;
+//! ```
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -13,60 +23,345 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::{Client, ResourceExt as _};
 
+use crate::bins::{repo_root, workspace_binary};
 use crate::cluster::{Cluster, KubeconfigUser, write_kubeconfig};
-use crate::process;
-use crate::testing::{apply_object, parse_yaml_documents};
+use crate::manifest::{apply_object, helm_template, install_crd_file, parse_yaml_documents};
+use crate::process::{self, HostProcesses};
+use crate::testing::TestEnv;
 
-/// Path of helm v3 (`$HELM3`, which the Makefile sets to the helm it installs).
-pub const HELM_ENV: &str = "HELM3";
-
-/// Kinds of a rendered chart applied to give the operator its identity.
-const IDENTITY_KINDS: &[&str] = &[
-    "ServiceAccount",
-    "Role",
-    "RoleBinding",
-    "ClusterRole",
-    "ClusterRoleBinding",
-];
-
-/// The helm binary: `$HELM3`, else `helm` on PATH.
-pub fn helm_binary() -> PathBuf {
-    std::env::var_os(HELM_ENV)
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from("helm"), PathBuf::from)
+/// What the repository holds of one operator: its chart, its binary, its CRDs.
+#[derive(Clone, Copy, Debug)]
+pub struct OperatorSpec {
+    /// The chart under `charts/`.
+    pub chart: &'static str,
+    pub package: &'static str,
+    pub binary: &'static str,
+    /// The CRD file under `crds/` (without `.yaml`), if the operator has CRDs.
+    pub crds: Option<&'static str>,
 }
 
-/// `helm template <release> <chart> --namespace <ns> [--set k=v]...`
-pub fn helm_template(
-    chart: &Path,
-    release: &str,
-    namespace: &str,
-    set: &[(&str, &str)],
-) -> Result<String> {
-    let helm = helm_binary();
-    let mut cmd = Command::new(&helm);
-    cmd.arg("template")
-        .arg(release)
-        .arg(chart)
-        .arg("--namespace")
-        .arg(namespace);
-    for (k, v) in set {
-        cmd.arg("--set").arg(format!("{k}={v}"));
+pub const GRAY_UPGRADE: OperatorSpec = OperatorSpec {
+    chart: "gray-upgrade",
+    package: "gantry-gray-upgrade",
+    binary: "gantry-gray-upgrade",
+    crds: Some("gray-upgrade"),
+};
+
+/// The kit's probe operator.
+pub const NOOP: OperatorSpec = OperatorSpec {
+    chart: "noop",
+    package: "gantry-kit",
+    binary: "gantry-noop",
+    crds: Some("noop"),
+};
+
+impl OperatorSpec {
+    pub fn chart_dir(&self) -> PathBuf {
+        repo_root().join("charts").join(self.chart)
     }
-    let out = cmd.output().with_context(|| {
-        format!(
-            "running {} (install helm with `make tools`, or set ${HELM_ENV})",
-            helm.display()
+
+    pub fn crd_file(&self) -> Option<PathBuf> {
+        self.crds
+            .map(|stem| repo_root().join("crds").join(format!("{stem}.yaml")))
+    }
+}
+
+/// How to start an operator for a test: the chart values its identity is rendered with, its
+/// flags, its replicas.
+pub struct Fixture {
+    spec: OperatorSpec,
+    cluster: Cluster,
+    client: Client,
+    namespace: String,
+    values: Vec<(String, String)>,
+    flags: Vec<String>,
+    replicas: Vec<(String, Vec<String>)>,
+    leader_elect: Option<bool>,
+    release_build: bool,
+    binary: Option<PathBuf>,
+}
+
+impl Fixture {
+    /// One replica in the test's namespace; the chart's cluster-scoped RBAC is named after the
+    /// namespace, so tests running side by side do not share it.
+    pub fn new(env: &TestEnv, spec: OperatorSpec) -> Self {
+        Self::in_namespace(&env.cluster, &env.client, env.namespace(), spec)
+    }
+
+    /// As [`Fixture::new`], for a namespace of a cluster that is not a [`TestEnv`]'s.
+    pub fn in_namespace(
+        cluster: &Cluster,
+        client: &Client,
+        namespace: &str,
+        spec: OperatorSpec,
+    ) -> Self {
+        Self {
+            spec,
+            cluster: cluster.clone(),
+            client: client.clone(),
+            namespace: namespace.to_owned(),
+            values: vec![("fullnameOverride".into(), namespace.to_owned())],
+            flags: Vec::new(),
+            replicas: vec![("a".into(), Vec::new())],
+            leader_elect: None,
+            release_build: false,
+            binary: None,
+        }
+    }
+
+    /// A chart value (`--set key=value`) to render the operator's identity with.
+    #[must_use]
+    pub fn value(mut self, key: &str, value: &str) -> Self {
+        self.values.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// A flag every replica gets.
+    #[must_use]
+    pub fn flag(mut self, flag: impl Into<String>) -> Self {
+        self.flags.push(flag.into());
+        self
+    }
+
+    /// Watch only the test's namespace, with the chart's namespaced RBAC.
+    #[must_use]
+    pub fn watch_namespace(self) -> Self {
+        let namespace = self.namespace.clone();
+        self.value("watchNamespace", &namespace)
+            .flag(format!("--namespace={namespace}"))
+    }
+
+    /// `count` replicas named `a`, `b`, ...; leader election is on with more than one.
+    #[must_use]
+    pub fn replicas(mut self, count: usize) -> Self {
+        self.replicas = (0..count).map(|i| (replica_name(i), Vec::new())).collect();
+        self
+    }
+
+    /// One replica per node, named after it and started with `--node-name`: a node agent.
+    #[must_use]
+    pub fn per_node(mut self, nodes: &[&str]) -> Self {
+        self.replicas = nodes
+            .iter()
+            .map(|n| ((*n).to_owned(), vec![format!("--node-name={n}")]))
+            .collect();
+        self.leader_elect = Some(false);
+        self
+    }
+
+    /// Leader election on or off whatever the replica count.
+    #[must_use]
+    pub fn leader_elect(mut self, on: bool) -> Self {
+        self.leader_elect = Some(on);
+        self
+    }
+
+    /// Run a release build (benchmarks).
+    #[must_use]
+    pub fn release_build(mut self) -> Self {
+        self.release_build = true;
+        self
+    }
+
+    /// Run this build of the operator instead of one made with cargo.
+    #[must_use]
+    pub fn binary(mut self, path: PathBuf) -> Self {
+        self.binary = Some(path);
+        self
+    }
+
+    /// Installs the CRDs, applies the chart's identity and starts the replicas.
+    pub async fn start(self) -> Result<Operator> {
+        if let Some(file) = self.spec.crd_file() {
+            install_crd_file(&self.client, &file).await?;
+        }
+        let leader_elect = self.leader_elect.unwrap_or(self.replicas.len() > 1);
+        let mut values = self.values.clone();
+        values.push(("replicas".into(), self.replicas.len().max(1).to_string()));
+        if leader_elect {
+            values.push(("leaderElection.enabled".into(), "true".into()));
+        }
+        let identity = identity_from_chart(
+            &self.cluster,
+            &self.client,
+            &self.spec.chart_dir(),
+            &self.namespace,
+            &self.namespace,
+            &values,
+            None,
         )
-    })?;
-    if !out.status.success() {
-        bail!(
-            "helm template {} failed: {}",
-            chart.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        .await?;
+        let binary = match &self.binary {
+            Some(path) => path.clone(),
+            None => workspace_binary(self.spec.package, self.spec.binary, self.release_build)?,
+        };
+        let mut flags = self.flags.clone();
+        if leader_elect {
+            flags.extend([
+                "--leader-elect".to_owned(),
+                format!("--lease-name={}", self.namespace),
+                format!("--lease-namespace={}", self.namespace),
+            ]);
+        }
+        let mut operator = Operator {
+            spec: self.spec,
+            cluster: self.cluster.clone(),
+            namespace: self.namespace.clone(),
+            identity,
+            binary,
+            flags,
+            replicas: Vec::new(),
+            started: std::collections::HashMap::new(),
+        };
+        for (name, extra) in &self.replicas {
+            operator.spawn(name, extra)?;
+        }
+        Ok(operator)
     }
-    String::from_utf8(out.stdout).context("helm output is not UTF-8")
+}
+
+fn replica_name(index: usize) -> String {
+    let letters = "abcdefghijklmnopqrstuvwxyz";
+    letters
+        .get(index..=index)
+        .map_or_else(|| format!("r{index}"), str::to_owned)
+}
+
+/// A started operator: its identity and its replicas, each a host process.
+pub struct Operator {
+    spec: OperatorSpec,
+    cluster: Cluster,
+    namespace: String,
+    identity: ChartIdentity,
+    binary: PathBuf,
+    flags: Vec<String>,
+    replicas: Vec<Replica>,
+    /// How many processes were started per replica name: each gets a log of its own.
+    started: std::collections::HashMap<String, u32>,
+}
+
+impl Operator {
+    pub fn replicas(&self) -> &[Replica] {
+        &self.replicas
+    }
+
+    /// The replica named `name`.
+    pub fn replica(&self, name: &str) -> Result<&Replica> {
+        self.replicas
+            .iter()
+            .find(|r| r.name == name)
+            .with_context(|| format!("no replica {name}"))
+    }
+
+    /// The kubeconfig of the operator's ServiceAccount.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.identity.kubeconfig
+    }
+
+    pub fn identity(&self) -> &ChartIdentity {
+        &self.identity
+    }
+
+    /// The Lease the replicas elect a leader on (in the test's namespace).
+    pub fn lease_name(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Starts one more replica named `name` (an identity in the Lease and in events) with the
+    /// fixture's flags and `extra`.
+    pub fn spawn(&mut self, name: &str, extra: &[String]) -> Result<&Replica> {
+        let metrics = free_addr()?;
+        let health = free_addr()?;
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            format!("--metrics-addr={metrics}"),
+            format!("--health-addr={health}"),
+            format!("--identity={name}"),
+            "--log-format=json".into(),
+        ];
+        args.extend(self.flags.iter().cloned());
+        args.extend(extra.iter().cloned());
+        let run = self.started.entry(name.to_owned()).or_insert(0);
+        *run += 1;
+        let process_name = match *run {
+            1 => format!("{}-{}-{name}", self.namespace, self.spec.binary),
+            n => format!("{}-{}-{name}-{n}", self.namespace, self.spec.binary),
+        };
+        let process = OperatorProcess::spawn(
+            &self.cluster,
+            &process_name,
+            &self.binary,
+            &args,
+            &self.identity.kubeconfig,
+            &[("POD_NAMESPACE", self.namespace.as_str())],
+        )?;
+        self.replicas.push(Replica {
+            name: name.to_owned(),
+            metrics,
+            health,
+            process,
+        });
+        self.replicas.last().context("the replica just started")
+    }
+
+    /// Takes a replica out (to kill or stop it and perhaps start it again).
+    pub fn remove(&mut self, name: &str) -> Option<Replica> {
+        let index = self.replicas.iter().position(|r| r.name == name)?;
+        Some(self.replicas.remove(index))
+    }
+}
+
+/// An address on 127.0.0.1 whose port was free a moment ago, for a replica to listen on.
+pub fn free_addr() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// One replica of an operator under test.
+pub struct Replica {
+    pub name: String,
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
+    pub process: OperatorProcess,
+}
+
+impl Replica {
+    /// The replica's `/metrics` text.
+    pub async fn metrics_text(&self) -> Result<String> {
+        let (status, body) = crate::http::get(&self.metrics.to_string(), "/metrics").await?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(body)
+    }
+
+    /// The sum of every sample of the metric `name` (all label sets), if the replica answers.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self.metrics_text().await.ok()?;
+        let samples: Vec<f64> = text
+            .lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
+            .collect();
+        (!samples.is_empty()).then(|| samples.iter().sum())
+    }
+
+    /// `gantry_leader_is_leader`; `None` while the replica does not answer.
+    pub async fn is_leader(&self) -> Option<bool> {
+        self.metric("gantry_leader_is_leader")
+            .await
+            .map(|v| v >= 1.0)
+    }
+
+    /// `/readyz?verbose`: its status and report, if the replica answers.
+    pub async fn readyz(&self) -> Option<(u16, String)> {
+        crate::http::get(&self.health.to_string(), "/readyz?verbose")
+            .await
+            .ok()
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
 }
 
 /// The identity a chart gives its operator, applied to the cluster.
@@ -81,6 +376,15 @@ pub struct ChartIdentity {
     pub rendered: Vec<DynamicObject>,
 }
 
+/// Kinds of a rendered chart applied to give the operator its identity.
+const IDENTITY_KINDS: &[&str] = &[
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+    "ClusterRoleBinding",
+];
+
 /// Renders `chart` as release `release` in `namespace`, applies its ServiceAccount, Roles,
 /// ClusterRoles and bindings, and writes a kubeconfig for its ServiceAccount (the only one, or
 /// the one named `service_account`). Cluster-scoped RBAC is named after the release, so use a
@@ -91,7 +395,7 @@ pub async fn identity_from_chart(
     chart: &Path,
     release: &str,
     namespace: &str,
-    set: &[(&str, &str)],
+    set: &[(String, String)],
     service_account: Option<&str>,
 ) -> Result<ChartIdentity> {
     let rendered = parse_yaml_documents(&helm_template(chart, release, namespace, set)?)?;
@@ -169,10 +473,6 @@ pub async fn service_account_token(
         .context("TokenRequest returned no token")
 }
 
-/// Environment variable naming the cluster state directory in every process the harness
-/// starts; it lets a later run recognise (and reap) processes a crashed run left behind.
-const OWNER_ENV: &str = "GANTRY_E2E_CLUSTER_DIR";
-
 /// An operator (or any program) running on the host in its own process group, stopped when
 /// dropped. Its output goes to a log file under the cluster state directory.
 pub struct OperatorProcess {
@@ -193,25 +493,19 @@ impl OperatorProcess {
         kubeconfig: &Path,
         env: &[(&str, &str)],
     ) -> Result<Self> {
-        let dir = cluster.state_dir.join("operators");
-        std::fs::create_dir_all(&dir)?;
-        let log = dir.join(format!("{name}.log"));
-        let pid_file = dir.join(format!("{name}.pid"));
         let mut cmd = Command::new(binary);
-        cmd.args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env(OWNER_ENV, &cluster.state_dir);
+        cmd.args(args).env("KUBECONFIG", kubeconfig);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let pid = process::spawn_group(&mut cmd, &log)
+        let started = HostProcesses::of(&cluster.state_dir)
+            .spawn(name, &mut cmd)
             .with_context(|| format!("starting {} (is it built?)", binary.display()))?;
-        std::fs::write(&pid_file, format!("{pid} {}\n", std::process::id()))?;
         Ok(Self {
             name: name.to_owned(),
-            pid,
-            log,
-            pid_file,
+            pid: started.pid,
+            log: started.log,
+            pid_file: started.pid_file,
         })
     }
 
@@ -267,44 +561,5 @@ impl Drop for OperatorProcess {
             process::stop_group(self.pid, Duration::from_secs(5));
         }
         let _ = std::fs::remove_file(&self.pid_file);
-    }
-}
-
-/// Stops operator processes that a test process which no longer exists started against this
-/// cluster (it crashed or was killed before its drops ran).
-pub fn reap_orphans(cluster: &Cluster) {
-    stop_operators(&cluster.state_dir, false);
-}
-
-/// Stops the operator processes started against the cluster in `state_dir`: all of them, or
-/// (`all == false`) those whose starting test process is gone.
-pub(crate) fn stop_operators(state_dir: &Path, all: bool) {
-    let dir = state_dir.join("operators");
-    let Ok(read) = std::fs::read_dir(&dir) else {
-        return;
-    };
-    let marker = format!("{OWNER_ENV}={}", state_dir.display());
-    for entry in read.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|x| x != "pid") {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        let mut fields = text
-            .split_whitespace()
-            .filter_map(|f| f.parse::<u32>().ok());
-        let (Some(pid), Some(owner)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        if !all && process::alive(owner) {
-            continue;
-        }
-        if process::alive(pid) && process::environ_contains(pid, &marker) {
-            tracing::info!(pid, file = %path.display(), "stopping operator process");
-            process::stop_group(pid, Duration::from_secs(5));
-        }
-        let _ = std::fs::remove_file(&path);
     }
 }

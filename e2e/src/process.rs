@@ -183,6 +183,82 @@ impl FileLock {
     }
 }
 
+/// Programs the harness starts against a cluster (operators under test), each in its own
+/// process group, remembered in `<state>/operators/<name>.pid` together with the pid of the
+/// test process that started it, so that a later run can stop what a crashed one left.
+pub struct HostProcesses {
+    state_dir: PathBuf,
+}
+
+/// Set in the environment of every host process, naming the cluster state directory: how a
+/// later run recognises (and reaps) processes a crashed run left behind.
+pub const OWNER_ENV: &str = "GANTRY_E2E_CLUSTER_DIR";
+
+/// One started host process.
+#[derive(Debug)]
+pub struct Started {
+    pub pid: u32,
+    pub log: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl HostProcesses {
+    pub fn of(state_dir: &Path) -> Self {
+        Self {
+            state_dir: state_dir.to_owned(),
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.state_dir.join("operators")
+    }
+
+    /// Starts `command` as `name` (unique per cluster): output to `<name>.log`, marked with
+    /// [`OWNER_ENV`], recorded in `<name>.pid`.
+    pub fn spawn(&self, name: &str, command: &mut Command) -> Result<Started> {
+        let dir = self.dir();
+        std::fs::create_dir_all(&dir)?;
+        let log = dir.join(format!("{name}.log"));
+        let pid_file = dir.join(format!("{name}.pid"));
+        command.env(OWNER_ENV, &self.state_dir);
+        let pid = spawn_group(command, &log)?;
+        std::fs::write(&pid_file, format!("{pid} {}\n", std::process::id()))?;
+        Ok(Started { pid, log, pid_file })
+    }
+
+    /// Stops the recorded processes: all of them, or (`all == false`) those whose starting
+    /// test process is gone.
+    pub fn stop(&self, all: bool) {
+        let Ok(read) = std::fs::read_dir(self.dir()) else {
+            return;
+        };
+        let marker = format!("{OWNER_ENV}={}", self.state_dir.display());
+        for entry in read.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|x| x != "pid") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let mut fields = text
+                .split_whitespace()
+                .filter_map(|f| f.parse::<u32>().ok());
+            let (Some(pid), Some(owner)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            if !all && alive(owner) {
+                continue;
+            }
+            if alive(pid) && environ_contains(pid, &marker) {
+                tracing::info!(pid, file = %path.display(), "stopping host process");
+                stop_group(pid, Duration::from_secs(5));
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// Whether the environment of process `pid` holds the entry `needle` (`NAME=value`).
 pub fn environ_contains(pid: u32, needle: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|raw| {

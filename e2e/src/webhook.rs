@@ -155,3 +155,93 @@ impl Drop for HttpsServer {
         self.task.abort();
     }
 }
+
+/// Where the API server sends a webhook's reviews.
+pub enum Target<'a> {
+    /// A URL on the host, with the CA that signed its certificate.
+    Url { url: String, ca_pem: &'a str },
+    /// A URL on the host whose `caBundle` the operator serving it keeps current (its managed
+    /// certificate authority).
+    Managed { url: String },
+}
+
+/// A ValidatingWebhookConfiguration that sends the test namespace's requests matching its rules
+/// to its webhooks, deleted when dropped. `failurePolicy: Fail`, five-second timeout.
+pub struct Registration {
+    pub name: String,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Registration {
+    /// Registers `webhooks` (each a DNS-style name, e.g. `check.e2e.gantry.dev`, and where to
+    /// send its reviews) as the ValidatingWebhookConfiguration `name`, for requests in
+    /// `namespace` matching `rules` (the API's rule objects).
+    pub async fn validating(
+        cluster: &crate::cluster::Cluster,
+        client: &kube::Client,
+        name: &str,
+        webhooks: Vec<(&str, Target<'_>)>,
+        namespace: &str,
+        rules: serde_json::Value,
+    ) -> Result<Self> {
+        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+        let webhooks: Vec<serde_json::Value> = webhooks
+            .into_iter()
+            .map(|(webhook, target)| {
+                let client_config = match target {
+                    Target::Url { url, ca_pem } => serde_json::json!({
+                        "url": url,
+                        "caBundle": k8s_openapi::ByteString(ca_pem.as_bytes().to_vec()),
+                    }),
+                    Target::Managed { url } => serde_json::json!({ "url": url }),
+                };
+                serde_json::json!({
+                    "name": webhook,
+                    "clientConfig": client_config,
+                    "rules": rules,
+                    "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": namespace } },
+                    "failurePolicy": "Fail",
+                    "sideEffects": "None",
+                    "admissionReviewVersions": ["v1"],
+                    "timeoutSeconds": 5,
+                })
+            })
+            .collect();
+        let config: ValidatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name },
+            "webhooks": webhooks,
+        }))?;
+        kube::Api::<ValidatingWebhookConfiguration>::all(client.clone())
+            .create(&kube::api::PostParams::default(), &config)
+            .await
+            .with_context(|| format!("registering webhook configuration {name}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            kubeconfig: cluster.kubeconfig().to_owned(),
+        })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+        let (name, kubeconfig) = (self.name.clone(), self.kubeconfig.clone());
+        // A thread of its own with its own runtime: the test's runtime may be shutting down.
+        let deleted = std::thread::spawn(move || -> Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let client = crate::cluster::client_from_kubeconfig(&kubeconfig).await?;
+                kube::Api::<ValidatingWebhookConfiguration>::all(client)
+                    .delete(&name, &kube::api::DeleteParams::default())
+                    .await?;
+                Ok(())
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = deleted {
+            eprintln!("deleting webhook configuration {}: {e:#}", self.name);
+        }
+    }
+}

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
-use gantry_e2e::bins::{repo_root, workspace_binary};
 use gantry_e2e::cluster::{Cluster, ClusterSpec, NodePool};
-use gantry_e2e::operator::{OperatorProcess, identity_from_chart};
-use gantry_e2e::testing::{TestNamespace, grayapps, install_crds};
+use gantry_e2e::manifest::dynamic_api;
+use gantry_e2e::operator::{Fixture, GRAY_UPGRADE};
+use gantry_e2e::testing::TestNamespace;
 use kube::Api;
 use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -33,16 +33,12 @@ struct Args {
     /// Then grow the app to this many instances and report the operator's memory there.
     #[arg(long)]
     scale: Option<u32>,
-    /// The operator binary (default: built with cargo).
-    #[arg(long, env = "GANTRY_GRAY_UPGRADE_BIN")]
+    /// The operator binary (default: a release build made with cargo).
+    #[arg(long)]
     operator: Option<PathBuf>,
     /// Leave the cluster running afterwards.
     #[arg(long)]
     keep: bool,
-}
-
-fn repo() -> PathBuf {
-    repo_root()
 }
 
 /// The operator process's CPU seconds (user + system) and peak resident memory (KiB).
@@ -146,24 +142,9 @@ fn template(image: &str) -> Value {
     json!({"metadata": {"labels": {"app": "bench"}}, "spec": {"containers": [{"name": "app", "image": image}]}})
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let binary = match args.operator.clone() {
-        Some(b) => b,
-        None => workspace_binary(
-            "GANTRY_GRAY_UPGRADE_BIN",
-            "gantry-gray-upgrade",
-            "gantry-gray-upgrade",
-            true,
-        )?,
-    };
     let capacity = args.scale.unwrap_or(args.instances).max(args.instances);
     let pods_per_node = capacity.div_ceil(args.nodes) + 10;
     let spec = ClusterSpec {
@@ -180,52 +161,33 @@ async fn main() -> Result<()> {
         args.nodes
     );
     let cluster = Cluster::up(&spec).await?;
-    let result = run(&args, &cluster, &binary).await;
+    let result = run(&args, &cluster).await;
     if !args.keep {
         Cluster::down("gray-bench")?;
     }
     result
 }
 
-async fn run(args: &Args, cluster: &Cluster, binary: &Path) -> Result<()> {
+async fn run(args: &Args, cluster: &Cluster) -> Result<()> {
     let client = cluster.client().await?;
     let ns = TestNamespace::create(cluster, &client, "bench").await?;
     let namespace = ns.name.clone();
-    install_crds(&client, &repo().join("crds")).await?;
-    let identity = identity_from_chart(
-        cluster,
-        &client,
-        &repo().join("charts/gray-upgrade"),
-        &namespace,
-        &namespace,
-        &[
-            ("watchNamespace", namespace.as_str()),
-            ("fullnameOverride", namespace.as_str()),
-            ("replicas", "1"),
-        ],
-        None,
-    )
-    .await?;
+    let mut fixture = Fixture::in_namespace(cluster, &client, &namespace, GRAY_UPGRADE)
+        .watch_namespace()
+        .flag("--log-level=warn")
+        .release_build();
+    if let Some(binary) = &args.operator {
+        fixture = fixture.binary(binary.clone());
+    }
+    let operator = fixture.start().await?;
     let user = format!(
         "system:serviceaccount:{namespace}:{}",
-        identity.service_account
+        operator.identity().service_account
     );
-    let metrics = format!("127.0.0.1:{}", free_port()?);
-    let operator = OperatorProcess::spawn(
-        cluster,
-        &format!("{namespace}-bench"),
-        binary,
-        &[
-            "run".into(),
-            format!("--metrics-addr={metrics}"),
-            format!("--health-addr=127.0.0.1:{}", free_port()?),
-            format!("--namespace={namespace}"),
-            "--log-level=warn".into(),
-        ],
-        &identity.kubeconfig,
-        &[],
-    )?;
-    let apps = grayapps(&client, &namespace);
+    let replica = operator.replica("a")?;
+    let metrics = replica.metrics.to_string();
+    let pid = replica.process.pid();
+    let apps = dynamic_api(&client, &namespace, "apps.gantry.dev/v1alpha1", "GrayApp").await?;
     let n = args.instances;
     let per_batch = n / args.batches;
     let batches: Vec<Value> = (0..args.batches)
@@ -255,7 +217,7 @@ async fn run(args: &Args, cluster: &Cluster, binary: &Path) -> Result<()> {
 
     let audit = cluster.state_dir.join("logs/audit.log");
     let (_, audit_offset) = audit_counts(&audit, &user, 0)?;
-    let (cpu_before, _) = process_usage(operator.pid())?;
+    let (cpu_before, _) = process_usage(pid)?;
     let (reconcile_before, reconciles_before) = reconciles(&metrics).await?;
     let started = Instant::now();
     apps.patch(
@@ -274,7 +236,7 @@ async fn run(args: &Args, cluster: &Cluster, binary: &Path) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await; // let the audit log catch up
     let (reconcile_after, reconciles_after) = reconciles(&metrics).await?;
     let reconcile_seconds_spent = reconcile_after - reconcile_before;
-    let (cpu_after, peak_kib) = process_usage(operator.pid())?;
+    let (cpu_after, peak_kib) = process_usage(pid)?;
     let (counts, _) = audit_counts(&audit, &user, audit_offset)?;
     let writes: u64 = counts
         .iter()
@@ -364,8 +326,8 @@ async fn run(args: &Args, cluster: &Cluster, binary: &Path) -> Result<()> {
         })
         .await?;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let rss = resident_kib(operator.pid())?;
-        let (_, peak) = process_usage(operator.pid())?;
+        let rss = resident_kib(pid)?;
+        let (_, peak) = process_usage(pid)?;
         println!();
         println!("| at {scale} instances | value |");
         println!("| --- | --- |");

@@ -3,15 +3,15 @@
 //! against the real control plane and kwok nodes whose `nvidia.com/gpu` stands in for GPUs.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
-use gantry_e2e::bins::{repo_root, workspace_binary};
-use gantry_e2e::operator::{OperatorProcess, identity_from_chart};
-use gantry_e2e::testing::{TestEnv, grayapps, install_crds, wait_for, wait_for_object};
+use gantry_e2e::manifest::dynamic_api;
+use gantry_e2e::operator::{Fixture, GRAY_UPGRADE, Operator};
+use gantry_e2e::testing::TestEnv;
+use gantry_e2e::{poll, wait};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -22,81 +22,35 @@ use serde_json::{Value, json};
 const TIMEOUT: Duration = Duration::from_secs(120);
 const GPU: &str = "nvidia.com/gpu";
 
-fn repo() -> PathBuf {
-    repo_root()
-}
-
-fn operator_binary() -> Result<PathBuf> {
-    workspace_binary(
-        "GANTRY_GRAY_UPGRADE_BIN",
-        "gantry-gray-upgrade",
-        "gantry-gray-upgrade",
-        false,
-    )
-}
-
-/// A test namespace with the CRD installed and the operator running in it.
+/// A test namespace with the operator running in it (one replica, leader election on with a
+/// short lease, so that more can be started and take over).
 struct Gray {
     env: TestEnv,
-    operators: Vec<OperatorProcess>,
-    kubeconfig: PathBuf,
+    operator: Operator,
+    apps: Api<kube::api::DynamicObject>,
 }
 
 impl Gray {
     async fn start(prefix: &str) -> Result<Self> {
         let env = TestEnv::new(prefix).await?;
-        install_crds(&env.client, &repo().join("crds")).await?;
-        let ns = env.namespace().to_string();
-        let identity = identity_from_chart(
-            &env.cluster,
+        let operator = Fixture::new(&env, GRAY_UPGRADE)
+            .watch_namespace()
+            .leader_elect(true)
+            .flag("--lease-duration-seconds=6")
+            .start()
+            .await?;
+        let apps = dynamic_api(
             &env.client,
-            &repo().join("charts/gray-upgrade"),
-            &ns,
-            &ns,
-            &[
-                ("watchNamespace", ns.as_str()),
-                ("fullnameOverride", ns.as_str()),
-                ("replicas", "2"),
-            ],
-            None,
+            env.namespace(),
+            "apps.gantry.dev/v1alpha1",
+            "GrayApp",
         )
         .await?;
-        let mut gray = Self {
+        Ok(Self {
             env,
-            operators: Vec::new(),
-            kubeconfig: identity.kubeconfig,
-        };
-        gray.spawn_operator("a")?;
-        Ok(gray)
-    }
-
-    fn spawn_operator(&mut self, id: &str) -> Result<()> {
-        let ns = self.env.namespace().to_string();
-        let args: Vec<String> = [
-            "run",
-            "--metrics-addr=127.0.0.1:0",
-            "--health-addr=127.0.0.1:0",
-            "--leader-elect",
-            &format!("--lease-name={ns}"),
-            &format!("--lease-namespace={ns}"),
-            &format!("--identity={id}"),
-            &format!("--namespace={ns}"),
-            "--lease-duration-seconds=6",
-            "--log-format=text",
-        ]
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-        let process = OperatorProcess::spawn(
-            &self.env.cluster,
-            &format!("{ns}-{id}"),
-            &operator_binary()?,
-            &args,
-            &self.kubeconfig,
-            &[],
-        )?;
-        self.operators.push(process);
-        Ok(())
+            operator,
+            apps,
+        })
     }
 
     async fn create(&self, name: &str, replicas: i32, image: &str, update: Value) -> Result<()> {
@@ -118,7 +72,7 @@ impl Gray {
     }
 
     fn dynamic(&self) -> Api<kube::api::DynamicObject> {
-        grayapps(&self.env.client, self.env.namespace())
+        self.apps.clone()
     }
 
     async fn patch(&self, name: &str, patch: Value) -> Result<()> {
@@ -141,7 +95,7 @@ impl Gray {
     ) -> Result<Value> {
         // Only a status written for the current generation counts: one from before the last
         // change could satisfy a condition about the change.
-        let app = wait_for_object(&self.dynamic(), name, what, TIMEOUT, |o| {
+        let app = wait::for_object(&self.dynamic(), name, what, TIMEOUT, |o| {
             o.data["status"]["observedGeneration"].as_i64() == o.metadata.generation
                 && cond(&o.data["status"])
         })
@@ -454,7 +408,7 @@ async fn reverting_the_template_while_an_instance_is_mid_update_converges() -> R
         .await?;
     gray.patch("svc", image_patch("svc", "svc:v2")).await?;
     // The first instance is out of service, waiting out its grace period: revert now.
-    wait_for("an instance out of service", TIMEOUT, || async {
+    poll::until("an instance out of service", TIMEOUT, || async {
         let pods = gray.pods("svc").await?;
         let out = pods.values().any(|p| {
             p.status
@@ -709,8 +663,8 @@ async fn operator_killed_mid_batch_resumes_without_upgrading_anyone_twice() -> R
             .is_some_and(|m| !m.is_empty())
     })
     .await?;
-    gray.operators[0].kill().await;
-    gray.spawn_operator("b")?;
+    gray.operator.replica("a")?.process.kill().await;
+    gray.operator.spawn("b", &[])?;
     gray.wait_status("db", "the rollout to complete after the restart", |s| {
         phase(s) == "Completed" && ready_count(s) == 6 && s["updatedReplicas"] == 6
     })
@@ -727,7 +681,7 @@ async fn operator_killed_mid_batch_resumes_without_upgrading_anyone_twice() -> R
 #[tokio::test]
 async fn two_replicas_only_the_leader_acts() -> Result<()> {
     let mut gray = Gray::start("gray-ha").await?;
-    gray.spawn_operator("b")?;
+    gray.operator.spawn("b", &[])?;
     gray.create("ha", 3, "ha:v1", json!({"maxUnavailable": 1}))
         .await?;
     gray.wait_status("ha", "3 Ready", |s| ready_count(s) == 3)
@@ -773,12 +727,31 @@ async fn a_bad_plan_is_rejected_at_admission_and_harms_nothing() -> Result<()> {
         text.contains("a batch names an instance ordinal this app does not have"),
         "{text}"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let pods = gray.pods("ok").await?;
-    assert_eq!(identities(&pods), before);
-    assert!(
-        pods.values()
-            .all(|p| image_of(p) == "ok:v1" && restarts(p) == 0)
-    );
+    // Every state the pods take for a while after the rejection: none moved.
+    let seen = wait::observe(
+        &gray.env.api::<Pod>(),
+        watcher::Config::default().labels("apps.gantry.dev/app=ok"),
+        Duration::from_secs(3),
+    )
+    .await?;
+    assert!(seen.len() >= 3, "the watch saw the pods: {}", seen.len());
+    for pod in &seen {
+        let name = pod.name_any();
+        assert_eq!(
+            Some(&(
+                pod.uid().unwrap_or_default(),
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default()
+            )),
+            before.get(&name),
+            "{name} is the same pod on the same node"
+        );
+        assert!(
+            image_of(pod) == "ok:v1" && restarts(pod) == 0,
+            "{name} was not touched"
+        );
+    }
     Ok(())
 }

@@ -1,25 +1,20 @@
 //! End-to-end tests that prove the harness itself: the control plane, kwok's simulated
-//! kubelet behaviour, the scheduler, admission webhooks over TLS and leader election of a
-//! kit-based operator. Run with `make test-e2e`.
+//! kubelet behaviour, the scheduler and admission webhooks over TLS.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
-use gantry_e2e::http;
-use gantry_e2e::operator::{OperatorProcess, identity_from_chart};
-use gantry_e2e::testing::{
-    TEST_EXTENDED_RESOURCE, TestEnv, install_crds, wait_for, wait_for_list, wait_for_object,
-};
-use gantry_e2e::webhook::{HttpsServer, Response};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use anyhow::{Context, Result, ensure};
+use gantry_e2e::manifest::install_crds;
+use gantry_e2e::testing::{TEST_EXTENDED_RESOURCE, TestEnv};
+use gantry_e2e::webhook::{HttpsServer, Registration, Response, Target};
+use gantry_e2e::{poll, wait};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::runtime::watcher;
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -81,7 +76,7 @@ async fn deployment_pods_run_on_kwok_nodes_and_are_garbage_collected() -> Result
 
     let pods: Api<Pod> = env.api();
     let selector = ListParams::default().labels("app=web");
-    let running = wait_for_list(
+    let running = wait::for_list(
         &pods,
         &selector,
         "3 Running, Ready pods on kwok nodes",
@@ -107,7 +102,7 @@ async fn deployment_pods_run_on_kwok_nodes_and_are_garbage_collected() -> Result
             .unwrap_or_default();
         ensure!(!ip.is_empty(), "pod {:?} has no IP", p.metadata.name);
     }
-    wait_for_object(
+    wait::for_object(
         &deployments,
         "web",
         "the Deployment to report 3 ready replicas",
@@ -120,7 +115,7 @@ async fn deployment_pods_run_on_kwok_nodes_and_are_garbage_collected() -> Result
     deployments
         .delete("web", &DeleteParams::background())
         .await?;
-    wait_for_list(
+    wait::for_list(
         &pods,
         &selector,
         "the garbage collector to remove every pod",
@@ -129,7 +124,7 @@ async fn deployment_pods_run_on_kwok_nodes_and_are_garbage_collected() -> Result
     )
     .await?;
     let replicasets: Api<ReplicaSet> = env.api();
-    wait_for_list(
+    wait::for_list(
         &replicasets,
         &selector,
         "the ReplicaSet to be removed",
@@ -149,7 +144,7 @@ async fn changing_a_running_pods_image_restarts_its_container_in_place() -> Resu
         &pod("app", "registry.example/app:v1", json!({}))?,
     )
     .await?;
-    let before = wait_for_object(
+    let before = wait::for_object(
         &pods,
         "app",
         "the pod to be Running and Ready",
@@ -171,7 +166,7 @@ async fn changing_a_running_pods_image_restarts_its_container_in_place() -> Resu
     pods.patch("app", &PatchParams::default(), &Patch::Strategic(&patch))
         .await?;
 
-    let after = wait_for_object(
+    let after = wait::for_object(
         &pods,
         "app",
         "the container to restart with image v2",
@@ -247,7 +242,7 @@ async fn readiness_gates_are_left_to_their_controller() -> Result<()> {
         )?,
     )
     .await?;
-    wait_for_object(
+    wait::for_object(
         &pods,
         "gated",
         "containers ready but the pod not Ready (gate unset)",
@@ -261,11 +256,17 @@ async fn readiness_gates_are_left_to_their_controller() -> Result<()> {
         },
     )
     .await?;
-    // Still not Ready a moment later: nothing but the gate's owner may flip it.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let p = pods.get("gated").await?;
+    // Not Ready in any state the pod takes for a while: nothing but the gate's owner may flip
+    // it.
+    let seen = wait::observe(
+        &pods,
+        watcher::Config::default().fields("metadata.name=gated"),
+        Duration::from_secs(3),
+    )
+    .await?;
+    ensure!(!seen.is_empty(), "the watch saw the pod");
     ensure!(
-        !condition_true(&p, "Ready"),
+        seen.iter().all(|p| !condition_true(p, "Ready")),
         "pod became Ready without its gate"
     );
 
@@ -277,7 +278,7 @@ async fn readiness_gates_are_left_to_their_controller() -> Result<()> {
         &Patch::Strategic(&set_gate("True")),
     )
     .await?;
-    wait_for_object(
+    wait::for_object(
         &pods,
         "gated",
         "Ready once the gate is True",
@@ -291,7 +292,7 @@ async fn readiness_gates_are_left_to_their_controller() -> Result<()> {
         &Patch::Strategic(&set_gate("False")),
     )
     .await?;
-    wait_for_object(
+    wait::for_object(
         &pods,
         "gated",
         "not Ready once the gate is False again",
@@ -324,7 +325,7 @@ async fn pod_asking_for_more_extended_resource_than_any_node_has_stays_pending()
         &pod("too-big", "registry.example/app:v1", asking(5))?,
     )
     .await?;
-    let pending = wait_for_object(
+    let pending = wait::for_object(
         &pods,
         "too-big",
         "the scheduler to report the pod Unschedulable",
@@ -344,7 +345,7 @@ async fn pod_asking_for_more_extended_resource_than_any_node_has_stays_pending()
         "scheduler message does not name the resource: {message}"
     );
     ensure!(phase(&pending) == Some("Pending"), "pod is not Pending");
-    wait_for_object(&pods, "fits", "the pod that fits to run", TIMEOUT, |p| {
+    wait::for_object(&pods, "fits", "the pod that fits to run", TIMEOUT, |p| {
         phase(p) == Some("Running")
     })
     .await?;
@@ -397,25 +398,21 @@ async fn https_admission_webhook_on_the_host_is_called_by_the_api_server() -> Re
         .await?
     };
 
-    let name = format!("{}-check", env.namespace());
-    let config: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": { "name": name },
-        "webhooks": [{
-            "name": "check.e2e.gantry.dev",
-            "clientConfig": {
-                "url": server.url("/validate"),
-                "caBundle": ByteString(server.ca_pem().as_bytes().to_vec()),
+    let registration = Registration::validating(
+        &env.cluster,
+        &env.client,
+        &format!("{}-check", env.namespace()),
+        vec![(
+            "check.e2e.gantry.dev",
+            Target::Url {
+                url: server.url("/validate"),
+                ca_pem: server.ca_pem(),
             },
-            "rules": [{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["configmaps"] }],
-            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": env.namespace() } },
-            "failurePolicy": "Fail",
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 5,
-        }],
-    }))?;
-    let configs: Api<ValidatingWebhookConfiguration> = Api::all(env.client.clone());
-    configs.create(&PostParams::default(), &config).await?;
+        )],
+        env.namespace(),
+        json!([{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["configmaps"] }]),
+    )
+    .await?;
 
     let cms: Api<ConfigMap> = env.api();
     let cm = |n: &str, deny: bool| -> Result<ConfigMap> {
@@ -424,7 +421,7 @@ async fn https_admission_webhook_on_the_host_is_called_by_the_api_server() -> Re
         }))?)
     };
     // The API server picks the configuration up asynchronously: retry until it denies.
-    let result = wait_for(
+    let result = poll::until(
         "the webhook to deny a labelled ConfigMap",
         Duration::from_secs(30),
         || {
@@ -450,7 +447,7 @@ async fn https_admission_webhook_on_the_host_is_called_by_the_api_server() -> Re
     let allowed = cms
         .create(&PostParams::default(), &cm("allowed", false)?)
         .await;
-    configs.delete(&name, &DeleteParams::default()).await?;
+    drop(registration);
     result?;
     allowed.context("the webhook should allow an unlabelled ConfigMap")?;
     ensure!(
@@ -458,278 +455,6 @@ async fn https_admission_webhook_on_the_host_is_called_by_the_api_server() -> Re
         "the webhook saw {} calls",
         calls.load(Ordering::SeqCst)
     );
-    Ok(())
-}
-
-// --- leader election ----------------------------------------------------------------------------
-
-/// Path of the kit's no-op operator (`GANTRY_NOOP_BIN`, set by `make test-e2e`).
-fn noop_binary() -> Result<std::path::PathBuf> {
-    let path = std::env::var_os("GANTRY_NOOP_BIN").filter(|v| !v.is_empty()).context(
-        "GANTRY_NOOP_BIN is not set: run the end-to-end tests with `make test-e2e`, which builds \
-         gantry-noop (`cargo build -p gantry-kit --bin gantry-noop`) and sets it",
-    )?;
-    let path = std::path::PathBuf::from(path);
-    ensure!(
-        path.is_file(),
-        "GANTRY_NOOP_BIN={} does not exist",
-        path.display()
-    );
-    Ok(path)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-struct Instance {
-    identity: String,
-    metrics: String,
-    process: OperatorProcess,
-}
-
-impl Instance {
-    fn start(
-        env: &TestEnv,
-        binary: &std::path::Path,
-        kubeconfig: &std::path::Path,
-        identity: &str,
-    ) -> Result<Self> {
-        let metrics = format!("127.0.0.1:{}", free_port()?);
-        let health = format!("127.0.0.1:{}", free_port()?);
-        let args: Vec<String> = [
-            "run",
-            "--metrics-addr",
-            &metrics,
-            "--health-addr",
-            &health,
-            "--leader-elect",
-            "--lease-name",
-            "gantry-noop",
-            "--lease-namespace",
-            env.namespace(),
-            "--identity",
-            identity,
-            "--log-format",
-            "text",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        let process = OperatorProcess::spawn(
-            &env.cluster,
-            &format!("{}-{identity}", env.namespace()),
-            binary,
-            &args,
-            kubeconfig,
-            &[],
-        )?;
-        Ok(Self {
-            identity: identity.to_owned(),
-            metrics,
-            process,
-        })
-    }
-}
-
-/// `gantry_leader_is_leader` of an instance; None when it cannot be read (not running).
-async fn is_leader(metrics: &str) -> Option<bool> {
-    let (status, body) = http::get(metrics, "/metrics").await.ok()?;
-    if status != 200 {
-        return None;
-    }
-    body.lines()
-        .find(|l| l.starts_with("gantry_leader_is_leader"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v >= 1.0)
-}
-
-async fn lease_holder(leases: &Api<Lease>) -> Option<String> {
-    leases
-        .get_opt("gantry-noop")
-        .await
-        .ok()??
-        .spec?
-        .holder_identity
-}
-
-/// Waits until `who` (and only it) reports leadership and holds the Lease; returns how long
-/// that took.
-async fn wait_for_leader(
-    leases: &Api<Lease>,
-    instances: &[&Instance],
-    who: Option<&str>,
-    timeout: Duration,
-) -> Result<(String, Duration)> {
-    let start = Instant::now();
-    let what = match who {
-        Some(w) => format!("{w} to lead"),
-        None => "one instance to lead".to_owned(),
-    };
-    let leader = wait_for(&what, timeout, || async {
-        let mut leaders = Vec::new();
-        for i in instances {
-            if is_leader(&i.metrics).await == Some(true) {
-                leaders.push(i.identity.clone());
-            }
-        }
-        let holder = lease_holder(leases).await;
-        Ok(match leaders.as_slice() {
-            [one] if holder.as_deref() == Some(one.as_str()) && who.is_none_or(|w| w == one) => {
-                Some(one.clone())
-            }
-            _ => None,
-        })
-    })
-    .await;
-    match leader {
-        Ok(l) => Ok((l, start.elapsed())),
-        Err(e) => {
-            let logs: String = instances
-                .iter()
-                .map(|i| {
-                    format!(
-                        "\n--- log of {} ---\n{}",
-                        i.identity,
-                        tail(&i.process.log(), 30)
-                    )
-                })
-                .collect();
-            Err(e.context(format!(
-                "lease holder: {:?}{logs}",
-                lease_holder(leases).await
-            )))
-        }
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-#[tokio::test]
-async fn kit_operator_instances_never_lead_at_once_and_take_over_from_a_dead_leader() -> Result<()>
-{
-    let env = TestEnv::new("leader").await?;
-    let binary = noop_binary()?;
-    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/noop");
-    // Runs as the ServiceAccount the chart creates, with exactly the chart's RBAC, rendered as
-    // for two replicas (which is what turns leader election on). The chart names its
-    // cluster-scoped RBAC after its full name, so that is made unique to the test.
-    let fullname = format!("noop-{}", env.namespace());
-    let identity = identity_from_chart(
-        &env.cluster,
-        &env.client,
-        &chart,
-        "noop",
-        env.namespace(),
-        &[("replicas", "2"), ("fullnameOverride", &fullname)],
-        None,
-    )
-    .await?;
-
-    // The kubeconfig really is the ServiceAccount, not an administrator.
-    let as_operator = gantry_e2e::cluster::client_from_kubeconfig(&identity.kubeconfig).await?;
-    let secrets: Api<Secret> = Api::namespaced(as_operator, env.namespace());
-    match secrets.list(&ListParams::default()).await {
-        Err(kube::Error::Api(status)) if status.code == 403 => {}
-        other => {
-            bail!("listing Secrets as the noop ServiceAccount should be forbidden, got {other:?}")
-        }
-    }
-
-    let a = Instance::start(&env, &binary, &identity.kubeconfig, "noop-a")?;
-    let b = Instance::start(&env, &binary, &identity.kubeconfig, "noop-b")?;
-    let leases: Api<Lease> = env.api();
-
-    // Watch both instances the whole time: two leaders at once is the failure.
-    let overlap = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (overlap, stop) = (overlap.clone(), stop.clone());
-        let (ma, mb) = (a.metrics.clone(), b.metrics.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let (la, lb) = tokio::join!(is_leader(&ma), is_leader(&mb));
-                if la == Some(true) && lb == Some(true) {
-                    overlap.store(true, Ordering::SeqCst);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
-
-    let (first, _) = wait_for_leader(&leases, &[&a, &b], None, Duration::from_secs(30)).await?;
-    let (leader, follower) = if first == a.identity { (a, b) } else { (b, a) };
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    ensure!(
-        is_leader(&follower.metrics).await == Some(false),
-        "{} should follow",
-        follower.identity
-    );
-
-    // A crash: SIGKILL, so the lease is not released and must expire (15 s).
-    let killed_at = Instant::now();
-    leader.process.kill().await;
-    let (_, _) = wait_for_leader(
-        &leases,
-        &[&follower],
-        Some(&follower.identity),
-        Duration::from_secs(30),
-    )
-    .await?;
-    let takeover = killed_at.elapsed();
-    eprintln!(
-        "takeover after SIGKILL of the leader: {:.1} s",
-        takeover.as_secs_f64()
-    );
-    ensure!(
-        takeover <= Duration::from_secs(22),
-        "takeover took {takeover:?} (lease duration is 15 s)"
-    );
-
-    // The killed instance comes back and must follow.
-    let identity_name = leader.identity.clone();
-    drop(leader);
-    let restarted = Instance::start(&env, &binary, &identity.kubeconfig, &identity_name)?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    ensure!(
-        is_leader(&restarted.metrics).await == Some(false),
-        "the restarted instance must not lead"
-    );
-
-    // A clean stop releases the lease: the other takes over quickly.
-    let stopped_at = Instant::now();
-    ensure!(
-        follower.process.terminate(Duration::from_secs(20)).await,
-        "gantry-noop did not exit on SIGTERM"
-    );
-    let (_, _) = wait_for_leader(
-        &leases,
-        &[&restarted],
-        Some(&restarted.identity),
-        Duration::from_secs(30),
-    )
-    .await?;
-    let handover = stopped_at.elapsed();
-    eprintln!(
-        "takeover after SIGTERM of the leader: {:.1} s",
-        handover.as_secs_f64()
-    );
-    ensure!(
-        handover <= Duration::from_secs(10),
-        "handover after a released lease took {handover:?}"
-    );
-
-    stop.store(true, Ordering::SeqCst);
-    watcher.await?;
-    if overlap.load(Ordering::SeqCst) {
-        bail!("both instances reported leadership at the same time");
-    }
     Ok(())
 }
 

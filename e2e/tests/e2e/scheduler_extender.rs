@@ -6,24 +6,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use gantry_e2e::testing::{init_tracing, wait_for_object};
+use gantry_e2e::testing::init_tracing;
+use gantry_e2e::wait;
 use gantry_e2e::webhook::{HttpsServer, Response};
 use gantry_e2e::{Cluster, ClusterSpec, NodePool};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use serde_json::json;
-
-/// Stops the cluster however the test ends.
-struct Down(&'static str);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        if let Err(e) = Cluster::down(self.0) {
-            eprintln!("stopping cluster {}: {e:#}", self.0);
-        }
-    }
-}
 
 #[tokio::test]
 async fn scheduler_consults_the_configured_extender() -> Result<()> {
@@ -73,8 +63,7 @@ async fn scheduler_consults_the_configured_extender() -> Result<()> {
         })],
         audit_log: false,
     };
-    let _down = Down("e2e-extender");
-    let cluster = Cluster::up(&spec).await?;
+    let cluster = Cluster::up_temporary(&spec).await?;
     let client = cluster.client().await?;
 
     let pods: Api<Pod> = Api::namespaced(client, "default");
@@ -86,7 +75,7 @@ async fn scheduler_consults_the_configured_extender() -> Result<()> {
         pods.create(&PostParams::default(), &pod).await?;
     }
     for i in 0..3 {
-        let placed = wait_for_object(
+        let placed = wait::for_object(
             &pods,
             &format!("placed-{i}"),
             "the pod to run",

@@ -169,12 +169,15 @@ async fn run(runtime: Runtime, args: NoopArgs) -> Result<(), BoxError> {
         runtime: runtime.clone(),
         node,
     });
-    let config_maps = runtime
-        .controller::<ConfigMap>(
-            "configmap-probe",
-            watcher::Config::default().labels(&args.probe_selector),
-        )
-        .run(observer, observe);
+    let mut config_maps = runtime.controller::<ConfigMap>(
+        "configmap-probe",
+        watcher::Config::default().labels(&args.probe_selector),
+    );
+    if args.node_name.is_some() {
+        // A node agent acts on every change at once; it has only its own node's to handle.
+        config_maps = config_maps.pacing(std::time::Duration::ZERO);
+    }
+    let config_maps = config_maps.run(observer, observe);
     let probes = async {
         if args.probes {
             runtime

@@ -24,13 +24,18 @@ pub async fn get(addr: &str, path: &str) -> Result<(u16, String)> {
     let raw = tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
         .with_context(|| format!("GET http://{addr}{path} timed out"))??;
-    let text = String::from_utf8_lossy(&raw);
+    parse_response(addr, &raw)
+}
+
+/// The status and body of a raw HTTP/1 response from `from`.
+fn parse_response(from: impl std::fmt::Display, raw: &[u8]) -> Result<(u16, String)> {
+    let text = String::from_utf8_lossy(raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .with_context(|| format!("malformed HTTP response from {addr}: {head:?}"))?;
+        .with_context(|| format!("malformed HTTP response from {from}: {head:?}"))?;
     Ok((status, body.to_owned()))
 }
 
@@ -78,12 +83,5 @@ pub async fn https_request(
     let raw = tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
         .with_context(|| format!("{method} https://{addr}{path} timed out"))??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("malformed HTTP response from {addr}: {head:?}"))?;
-    Ok((status, body.to_owned()))
+    parse_response(addr, &raw)
 }

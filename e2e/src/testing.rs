@@ -174,24 +174,27 @@ impl Drop for TestNamespace {
             );
             return;
         }
-        let name = self.name.clone();
-        let kubeconfig = self.kubeconfig.clone();
-        // A thread of its own with its own runtime: the test's runtime may be shutting down.
-        let deleted = std::thread::spawn(move || -> Result<()> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let client = crate::cluster::client_from_kubeconfig(&kubeconfig).await?;
-                Api::<Namespace>::all(client)
-                    .delete(&name, &DeleteParams::background())
-                    .await?;
-                Ok(())
-            })
-        })
-        .join();
-        if let Ok(Err(e)) = deleted {
-            eprintln!("deleting namespace {}: {e:#}", self.name);
-        }
+        crate::cluster::delete_on_the_side(
+            &self.kubeconfig,
+            &self.name,
+            Api::<Namespace>::all,
+            DeleteParams::background(),
+        );
     }
+}
+
+/// A pod named `name` with one container `app` running `image`, plus `spec` (merged into the
+/// pod's spec: `nodeName`, `readinessGates`, resources, ...).
+pub fn pod(
+    name: &str,
+    image: &str,
+    spec: serde_json::Value,
+) -> Result<k8s_openapi::api::core::v1::Pod> {
+    let mut full = serde_json::json!({ "containers": [{ "name": "app", "image": image }] });
+    if let (Some(full), Some(extra)) = (full.as_object_mut(), spec.as_object()) {
+        full.extend(extra.clone());
+    }
+    Ok(serde_json::from_value(
+        serde_json::json!({ "metadata": { "name": name }, "spec": full }),
+    )?)
 }

@@ -6,6 +6,7 @@
 //! returns every state of the objects that the watch delivered, to assert on each.
 
 use std::fmt::Debug;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -20,12 +21,6 @@ use serde::de::DeserializeOwned;
 use crate::diagnose::{events_text, namespace_summary, to_yaml};
 use crate::poll;
 
-/// What the last poll saw, for the timeout message.
-struct Seen<K> {
-    objects: Vec<K>,
-    error: Option<String>,
-}
-
 /// Waits until the named object exists and satisfies `cond`. On timeout the error shows the
 /// object as last seen (YAML, without managed fields) and its events.
 pub async fn for_object<K, F>(
@@ -39,35 +34,15 @@ where
     K: Resource + Clone + DeserializeOwned + Serialize + Debug,
     F: Fn(&K) -> bool,
 {
-    let seen = Mutex::new(Seen::<K> {
-        objects: Vec::new(),
-        error: None,
-    });
-    let done = poll::until(what, timeout, || async {
-        let got = api.get_opt(name).await;
-        let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
-        match got {
-            Ok(Some(object)) if cond(&object) => return Ok(Some(object)),
-            Ok(object) => seen.objects = object.into_iter().collect(),
-            Err(err) => seen.error = Some(err.to_string()),
-        }
-        Ok(None)
-    })
-    .await;
-    match done {
-        Ok(object) => Ok(object),
-        Err(err) => {
-            let seen = seen.into_inner().unwrap_or_else(PoisonError::into_inner);
-            let objects = match seen.objects.first() {
-                Some(object) => to_yaml(object),
-                None => format!("(no object named {name})\n"),
-            };
-            bail!(
-                "{}",
-                report(api, err, &seen, objects, &[name.to_owned()]).await
-            )
-        }
-    }
+    until_seen(
+        api,
+        what,
+        timeout,
+        Some(name),
+        || async { Ok(api.get_opt(name).await?.into_iter().collect()) },
+        |objects| objects.first().filter(|o| cond(o)).cloned(),
+    )
+    .await
 }
 
 /// Waits until the objects matching `params` satisfy `cond` (which sees all of them). On
@@ -83,66 +58,79 @@ where
     K: Resource + Clone + DeserializeOwned + Serialize + Debug,
     F: Fn(&[K]) -> bool,
 {
-    let seen = Mutex::new(Seen::<K> {
-        objects: Vec::new(),
-        error: None,
-    });
-    let done = poll::until(what, timeout, || async {
-        let got = api.list(params).await;
-        let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
-        match got {
-            Ok(list) if cond(&list.items) => return Ok(Some(list.items)),
-            Ok(list) => seen.objects = list.items,
-            Err(err) => seen.error = Some(err.to_string()),
-        }
-        Ok(None)
-    })
-    .await;
-    match done {
-        Ok(objects) => Ok(objects),
-        Err(err) => {
-            let seen = seen.into_inner().unwrap_or_else(PoisonError::into_inner);
-            let objects = if seen.objects.is_empty() {
-                "(none)\n".to_owned()
-            } else {
-                seen.objects
-                    .iter()
-                    .map(|o| format!("{}---\n", to_yaml(o)))
-                    .collect()
-            };
-            let names: Vec<String> = seen.objects.iter().map(|o| o.name_any()).collect();
-            bail!("{}", report(api, err, &seen, objects, &names).await)
-        }
-    }
+    until_seen(
+        api,
+        what,
+        timeout,
+        None,
+        || async { Ok(api.list(params).await?.items) },
+        |objects| cond(objects).then(|| objects.to_vec()),
+    )
+    .await
 }
 
-async fn report<K>(
+/// Polls `fetch` until `done` accepts what it returned. On timeout the error shows the objects
+/// last fetched (or that `name` was missing), their events and the namespace's pods and
+/// Warning events.
+async fn until_seen<K, F, Fut, T>(
     api: &Api<K>,
-    err: anyhow::Error,
-    seen: &Seen<K>,
-    objects: String,
-    names: &[String],
-) -> String
+    what: &str,
+    timeout: Duration,
+    name: Option<&str>,
+    fetch: F,
+    done: impl Fn(&[K]) -> Option<T>,
+) -> Result<T>
 where
-    K: Resource + Clone,
+    K: Resource + Clone + Serialize,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<Vec<K>, kube::Error>>,
 {
+    let last: Mutex<(Vec<K>, Option<String>)> = Mutex::new((Vec::new(), None));
+    let waited = poll::until(what, timeout, || async {
+        let fetched = fetch().await;
+        let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
+        match fetched {
+            Ok(objects) => {
+                let accepted = done(&objects);
+                last.0 = objects;
+                Ok(accepted)
+            }
+            Err(err) => {
+                last.1 = Some(err.to_string());
+                Ok(None)
+            }
+        }
+    })
+    .await;
+    let err = match waited {
+        Ok(value) => return Ok(value),
+        Err(err) => err,
+    };
+    let (objects, error) = last.into_inner().unwrap_or_else(PoisonError::into_inner);
+    let shown = match (objects.is_empty(), name) {
+        (true, Some(name)) => format!("(no object named {name})\n"),
+        (true, None) => "(none)\n".to_owned(),
+        (false, _) => objects
+            .iter()
+            .map(|o| format!("{}---\n", to_yaml(o)))
+            .collect(),
+    };
+    let names: Vec<String> = match name {
+        Some(name) => vec![name.to_owned()],
+        None => objects.iter().map(|o| o.name_any()).collect(),
+    };
     let client = api.clone().into_client();
-    let namespace = seen
-        .objects
-        .first()
-        .and_then(|o| o.meta().namespace.clone());
+    let namespace = objects.first().and_then(|o| o.meta().namespace.clone());
     let events = if names.is_empty() {
         "(no objects)\n".to_owned()
     } else {
-        events_text(&client, namespace.as_deref(), names).await
+        events_text(&client, namespace.as_deref(), &names).await
     };
     let context = namespace_summary(&client, namespace.as_deref()).await;
-    let detail = seen
-        .error
-        .as_ref()
+    let detail = error
         .map(|e| format!("\nlast error: {e}"))
         .unwrap_or_default();
-    format!("{err:#}{detail}\n--- objects ---\n{objects}--- events ---\n{events}{context}")
+    bail!("{err:#}{detail}\n--- objects ---\n{shown}--- events ---\n{events}{context}")
 }
 
 /// Waits until the named object is gone.

@@ -225,23 +225,11 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
-        let (name, kubeconfig) = (self.name.clone(), self.kubeconfig.clone());
-        // A thread of its own with its own runtime: the test's runtime may be shutting down.
-        let deleted = std::thread::spawn(move || -> Result<()> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let client = crate::cluster::client_from_kubeconfig(&kubeconfig).await?;
-                kube::Api::<ValidatingWebhookConfiguration>::all(client)
-                    .delete(&name, &kube::api::DeleteParams::default())
-                    .await?;
-                Ok(())
-            })
-        })
-        .join();
-        if let Ok(Err(e)) = deleted {
-            eprintln!("deleting webhook configuration {}: {e:#}", self.name);
-        }
+        crate::cluster::delete_on_the_side(
+            &self.kubeconfig,
+            &self.name,
+            kube::Api::<ValidatingWebhookConfiguration>::all,
+            kube::api::DeleteParams::default(),
+        );
     }
 }

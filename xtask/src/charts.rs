@@ -509,6 +509,14 @@ fn webhook_scope(docs: &[Value]) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// Fails unless some problem says `text`.
+    fn assert_mentions(problems: &[String], text: &str) {
+        assert!(
+            problems.iter().any(|p| p.contains(text)),
+            "no {text:?} in {problems:?}"
+        );
+    }
+
     fn docs(yaml: &str) -> Vec<Value> {
         serde_yaml::Deserializer::from_str(yaml)
             .map(|d| serde::Deserialize::deserialize(d).expect("valid yaml"))
@@ -551,31 +559,15 @@ spec:
             )
             .replace("drop: [ALL]", "drop: []");
         let problems = conventions(&docs(&bad), 1, None, &Privileges::default());
-        assert!(
-            problems.contains(&"container operator: root filesystem is writable".to_string()),
-            "{problems:?}"
-        );
-        assert!(
-            problems.contains(&"container operator: capabilities not dropped".to_string()),
-            "{problems:?}"
-        );
+        assert_mentions(&problems, "container operator: root filesystem is writable");
+        assert_mentions(&problems, "container operator: capabilities not dropped");
     }
 
     #[test]
     fn several_replicas_need_election_and_budget() {
         let problems = conventions(&docs(GOOD), 2, None, &Privileges::default());
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.contains("--leader-elect is missing")),
-            "{problems:?}"
-        );
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.contains("PodDisruptionBudget is missing")),
-            "{problems:?}"
-        );
+        assert_mentions(&problems, "--leader-elect is missing");
+        assert_mentions(&problems, "PodDisruptionBudget is missing");
     }
 
     #[test]
@@ -587,32 +579,18 @@ spec:
             ),
             "{problems:?}"
         );
-        assert!(
-            problems.contains(&"watching team-a but no Role in team-a".to_string()),
-            "{problems:?}"
-        );
+        assert_mentions(&problems, "watching team-a but no Role in team-a");
     }
 
-    const AGENT: &str = r#"
-kind: ServiceAccount
----
-kind: ClusterRole
-rules: []
----
-kind: DaemonSet
-spec:
-  template:
-    spec:
-      securityContext: {runAsNonRoot: true, seccompProfile: {type: RuntimeDefault}}
-      volumes:
-        - {name: plugins, hostPath: {path: /var/lib/kubelet/device-plugins}}
-      containers:
-        - name: operator
-          args: [run]
-          livenessProbe: {}
-          readinessProbe: {}
-          securityContext: {readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {drop: [ALL], add: [SYS_ADMIN]}}
-"#;
+    /// A node agent: GOOD as a DaemonSet with a host path and a capability.
+    fn agent() -> String {
+        GOOD.replace("kind: Deployment", "kind: DaemonSet")
+            .replace(
+                "      containers:",
+                "      volumes:\n        - {name: plugins, hostPath: {path: /var/lib/kubelet/device-plugins}}\n      containers:",
+            )
+            .replace("drop: [ALL]}", "drop: [ALL], add: [SYS_ADMIN]}")
+    }
 
     #[test]
     fn a_node_agent_may_have_exactly_what_its_chart_declares() {
@@ -622,10 +600,10 @@ spec:
             run_as_root: false,
         };
         assert_eq!(
-            conventions(&docs(AGENT), 1, None, &declared),
+            conventions(&docs(&agent()), 1, None, &declared),
             Vec::<String>::new()
         );
-        let problems = conventions(&docs(AGENT), 1, None, &Privileges::default());
+        let problems = conventions(&docs(&agent()), 1, None, &Privileges::default());
         assert!(
             problems.contains(
                 &"host path /var/lib/kubelet/device-plugins is not declared in Chart.yaml"
@@ -640,33 +618,28 @@ spec:
             ),
             "{problems:?}"
         );
-        let escalated = AGENT
+        let escalated = agent()
             .replace(
                 "allowPrivilegeEscalation: false",
                 "allowPrivilegeEscalation: false, privileged: true",
             )
             .replace("seccompProfile", "hostPID: true, seccompProfile");
         let problems = conventions(&docs(&escalated), 1, None, &declared);
-        assert!(
-            problems.contains(&"container operator: privileged".to_string()),
-            "{problems:?}"
-        );
+        assert_mentions(&problems, "container operator: privileged");
     }
 
     #[test]
     fn a_node_agent_never_elects_a_leader() {
-        let electing = AGENT.replace("args: [run]", "args: [run, --leader-elect]");
+        let electing = agent().replace("args: [run]", "args: [run, --leader-elect]");
         let declared = Privileges {
             host_paths: vec!["/var/lib/kubelet/device-plugins".into()],
             capabilities: vec!["SYS_ADMIN".into()],
             run_as_root: false,
         };
         let problems = conventions(&docs(&electing), 1, None, &declared);
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.contains("DaemonSet with replicas=1 but --leader-elect is set")),
-            "{problems:?}"
+        assert_mentions(
+            &problems,
+            "DaemonSet with replicas=1 but --leader-elect is set",
         );
     }
 

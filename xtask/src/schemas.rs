@@ -108,21 +108,25 @@ fn limit_node_privileges(schema: &mut Value, privileges: &Privileges) -> anyhow:
         .get_mut("properties")
         .and_then(Value::as_object_mut)
         .context("the nodeAgent schema has no properties")?;
-    let host_paths = properties
-        .get_mut("hostPaths")
-        .context("the nodeAgent schema has no hostPaths")?;
-    if privileges.host_paths.is_empty() {
-        host_paths["maxItems"] = json!(0);
-    } else {
-        host_paths["items"]["properties"]["path"]["enum"] = json!(privileges.host_paths);
-    }
-    let capabilities = properties
-        .get_mut("capabilities")
-        .context("the nodeAgent schema has no capabilities")?;
-    if privileges.capabilities.is_empty() {
-        capabilities["maxItems"] = json!(0);
-    } else {
-        capabilities["items"]["enum"] = json!(privileges.capabilities);
+    for (list, item, declared) in [
+        (
+            "hostPaths",
+            "/items/properties/path",
+            &privileges.host_paths,
+        ),
+        ("capabilities", "/items", &privileges.capabilities),
+    ] {
+        let schema = properties
+            .get_mut(list)
+            .with_context(|| format!("the nodeAgent schema has no {list}"))?;
+        if declared.is_empty() {
+            schema["maxItems"] = json!(0);
+        } else {
+            let item = schema
+                .pointer_mut(item)
+                .with_context(|| format!("the nodeAgent schema's {list} has no {item}"))?;
+            item["enum"] = json!(declared);
+        }
     }
     if !privileges.run_as_root {
         properties.insert(

@@ -65,3 +65,32 @@ pub fn write_kubeconfig(
     });
     pki::write_private(path, &serde_yaml::to_string(&doc)?)
 }
+
+/// Deletes the cluster-wide or named object `name` through `api_of(client)` with an admin
+/// client from `kubeconfig`, on a thread and runtime of its own: for drops, which cannot rely
+/// on the test's runtime (it may be shutting down). Failures are printed, not returned.
+pub fn delete_on_the_side<K>(
+    kubeconfig: &Path,
+    name: &str,
+    api_of: fn(Client) -> kube::Api<K>,
+    params: kube::api::DeleteParams,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + 'static,
+    K::DynamicType: Default,
+{
+    let (kubeconfig, owned_name) = (kubeconfig.to_owned(), name.to_owned());
+    let deleted = std::thread::spawn(move || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let client = client_from_kubeconfig(&kubeconfig).await?;
+            api_of(client).delete(&owned_name, &params).await?;
+            Ok(())
+        })
+    })
+    .join();
+    if let Ok(Err(e)) = deleted {
+        eprintln!("deleting {} {name}: {e:#}", K::kind(&Default::default()));
+    }
+}

@@ -18,7 +18,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use kube::Client;
 use serde::{Deserialize, Serialize};
 
-pub use kubeconfig::{KubeconfigUser, client_from_kubeconfig, get_text, write_kubeconfig};
+pub use kubeconfig::{
+    KubeconfigUser, client_from_kubeconfig, delete_on_the_side, get_text, write_kubeconfig,
+};
 pub use spec::{ClusterSpec, NodePool, node_objects, node_ready};
 
 use crate::bins::{Binaries, cache_dir};

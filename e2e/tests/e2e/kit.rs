@@ -13,7 +13,7 @@ use gantry_e2e::cluster::Cluster;
 use gantry_e2e::manifest::{apply_object, install_crd_file, parse_yaml_documents};
 use gantry_e2e::operator::{Fixture, NOOP, Operator, Replica, free_addr};
 use gantry_e2e::pki::Ca;
-use gantry_e2e::testing::{TestEnv, remote_cluster_spec};
+use gantry_e2e::testing::{TestEnv, pod, remote_cluster_spec};
 use gantry_e2e::webhook::{Registration, Target};
 use gantry_e2e::{http, poll, wait};
 use gantry_kit::clusters::{self, CLUSTER_LABEL, Health, KUBECONFIG_KEY};
@@ -785,11 +785,8 @@ async fn node_agents_each_count_their_own_nodes_pods_from_an_index_keyed_by_node
         ("p1", "kwok-node-0"),
         ("p2", "kwok-node-1"),
     ] {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "registry.example/app:v1"}]},
-        }))?;
-        pods.create(&PostParams::default(), &pod).await?;
+        let pinned = pod(name, "registry.example/app:v1", json!({"nodeName": node}))?;
+        pods.create(&PostParams::default(), &pinned).await?;
     }
     let nodes = ["kwok-node-0", "kwok-node-1", "kwok-node-2"];
     // An operator's own flags at work: --node-name (one agent per node) and --probe-selector.

@@ -78,11 +78,11 @@ fn json<T: serde::Serialize>(value: &T) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::certs::Certificates;
-    use crate::testing::{https_request, test_runtime};
+    use crate::testing::{https_request, self_signed_certificates, serve, test_runtime};
     use axum::Router;
     use kube::api::DynamicObject;
     use serde_json::json;
+    use std::time::Duration;
 
     fn review(labels: serde_json::Value) -> Vec<u8> {
         serde_json::to_vec(&json!({
@@ -118,21 +118,17 @@ mod tests {
     #[tokio::test]
     async fn reviews_are_answered_and_counted_and_garbage_is_refused() {
         let runtime = test_runtime();
-        let (cert, key) = crate::testing::self_signed(&["127.0.0.1"]);
-        let certificates = Certificates::empty("hooks");
-        certificates.set(crate::certs::load_pem(cert.as_bytes(), key.as_bytes()).expect("loads"));
+        let (certificates, cert) = self_signed_certificates("hooks");
         let metrics = runtime.metrics().admission.clone();
         let router = Router::new().route("/validate", route("/validate", metrics, deny_labelled));
-        let https = runtime
-            .serve_https_with(
-                "hooks",
-                "127.0.0.1:0".parse().expect("addr"),
-                router,
-                certificates,
-                std::time::Duration::from_secs(60),
-            )
-            .await
-            .expect("listens");
+        let https = serve(
+            &runtime,
+            "hooks",
+            router,
+            certificates,
+            Duration::from_secs(60),
+        )
+        .await;
         let call = |body: Vec<u8>| {
             let cert = cert.clone();
             async move {

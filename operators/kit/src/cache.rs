@@ -20,8 +20,10 @@ use tokio::sync::{broadcast, watch};
 
 use crate::runtime::Runtime;
 
-/// How many changes a slow subscriber may fall behind before it is told it missed some.
-const CHANGES_BUFFER: usize = 4096;
+/// How many changes a slow subscriber may fall behind before it is told it missed some (and
+/// reconciles everything). Small: the channel keeps this many changes alive for good, and a
+/// controller takes them as fast as they come.
+const CHANGES_BUFFER: usize = 256;
 
 /// The object that controls another, from its `ownerReferences` entry with `controller: true`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,6 +190,56 @@ where
     }
 }
 
+/// What fills a [`Cache`]: watch events, applied in order. The watch does it in
+/// [`cache`]; tests feed events by hand.
+pub struct Feed<K: Resource + Clone + 'static>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    writer: reflector::store::Writer<K>,
+    changes: Changes,
+    synced: watch::Sender<bool>,
+}
+
+impl<K> Feed<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    /// Applies one watch event: the store first, then the change is announced.
+    pub fn apply(&mut self, event: &Event<K>) {
+        self.writer.apply_watcher_event(event);
+        if let Some(change) = Change::of_event(event) {
+            self.changes.send(change);
+        }
+        if matches!(event, Event::InitDone) {
+            self.synced.send_replace(true);
+        }
+    }
+}
+
+impl<K> Cache<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    /// An empty cache and what fills it.
+    pub fn new() -> (Self, Feed<K>) {
+        let (store, writer) = reflector::store();
+        let changes = Changes::default();
+        let (synced_tx, synced) = Synced::channel();
+        let cache = Cache {
+            store,
+            changes: changes.clone(),
+            synced,
+        };
+        let feed = Feed {
+            writer,
+            changes,
+            synced: synced_tx,
+        };
+        (cache, feed)
+    }
+}
+
 /// A cache of what `api` lists (narrowed by `config`), and the future that fills it: poll it
 /// (spawn it) for as long as the cache is wanted. [`Runtime::cache`] does that for operators.
 pub fn cache<K>(
@@ -197,28 +249,13 @@ pub fn cache<K>(
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
 {
-    let (store, mut writer) = reflector::store();
-    let changes = Changes::default();
-    let (synced_tx, synced) = Synced::channel();
-    let cache = Cache {
-        store,
-        changes: changes.clone(),
-        synced,
-    };
+    let (cache, mut feed) = Cache::new();
     let kind = K::kind(&()).to_string();
     let fill = async move {
         let mut events = watcher::watcher(api, config).default_backoff().boxed();
         while let Some(event) = events.next().await {
             match event {
-                Ok(event) => {
-                    writer.apply_watcher_event(&event);
-                    if let Some(change) = Change::of_event(&event) {
-                        changes.send(change);
-                    }
-                    if matches!(event, Event::InitDone) {
-                        synced_tx.send_replace(true);
-                    }
-                }
+                Ok(event) => feed.apply(&event),
                 Err(err) => tracing::warn!(%kind, error = %err, "watch failed; retrying"),
             }
         }

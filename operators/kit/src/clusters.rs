@@ -22,7 +22,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::events::{EventType, Events, Reason};
+use crate::events::Events;
 use crate::metrics::ClusterMetrics;
 use crate::runtime::Runtime;
 
@@ -120,32 +120,13 @@ impl Clusters {
     }
 }
 
-/// What the kit reports about kubeconfig Secrets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClusterReason {
-    /// The Secret does not hold a usable kubeconfig.
-    InvalidKubeconfig,
-    /// A remote cluster was added or its credentials replaced.
-    ClusterConnected,
-}
-
-impl Reason for ClusterReason {
-    fn reason(self) -> &'static str {
-        match self {
-            ClusterReason::InvalidKubeconfig => "InvalidKubeconfig",
-            ClusterReason::ClusterConnected => "ClusterConnected",
-        }
-    }
-
-    fn event_type(self) -> EventType {
-        match self {
-            ClusterReason::InvalidKubeconfig => EventType::Warning,
-            ClusterReason::ClusterConnected => EventType::Normal,
-        }
-    }
-
-    fn action(self) -> &'static str {
-        "Connect"
+crate::reasons! {
+    /// What the kit reports about kubeconfig Secrets.
+    pub enum ClusterReason {
+        /// The Secret does not hold a usable kubeconfig.
+        InvalidKubeconfig => Warning, "Connect";
+        /// A remote cluster was added or its credentials replaced.
+        ClusterConnected => Normal, "Connect";
     }
 }
 

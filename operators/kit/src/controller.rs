@@ -14,7 +14,7 @@
 //! beginning with every object in the cache each time it takes over.
 //!
 //! **Objects that cannot be read.** The watch decodes each object on its own
-//! (`DeserializeGuard`): one object that does not fit the operator's types (stored under an
+//! ([`crate::decode`]): one object that does not fit the operator's types (stored under an
 //! older schema, say) is skipped, logged, reported with a Warning event `Undecodable` on
 //! itself and a `Stalled` condition where its status can be written, once per generation; the
 //! others are reconciled as usual.
@@ -43,7 +43,6 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject};
-use kube::core::DeserializeGuard;
 use kube::runtime::Controller;
 use kube::runtime::controller::{Action, Error as ControllerError};
 use kube::runtime::reflector::ObjectRef;
@@ -55,8 +54,9 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::cache::{Cache, Change, Changes, Seen};
 use crate::conditions::{self, Summary};
+use crate::decode::Decoded;
 use crate::error::{ErrorClass, ReconcileError};
-use crate::events::{EventType, Reason};
+use crate::events::Reason;
 use crate::runtime::{ApiScope, Runtime};
 
 /// `namespace/name`, or `name` for cluster-scoped objects.
@@ -69,26 +69,11 @@ pub fn object_key<K: Resource>(obj: &K) -> String {
     }
 }
 
-/// The events the kit itself writes about an operator's objects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KitReason {
-    /// The object does not fit the operator's types and is skipped until it changes.
-    Undecodable,
-}
-
-impl Reason for KitReason {
-    fn reason(self) -> &'static str {
-        match self {
-            KitReason::Undecodable => "Undecodable",
-        }
-    }
-
-    fn event_type(self) -> EventType {
-        EventType::Warning
-    }
-
-    fn action(self) -> &'static str {
-        "Decode"
+crate::reasons! {
+    /// The events the kit itself writes about an operator's objects.
+    pub enum KitReason {
+        /// The object does not fit the operator's types and is skipped until it changes.
+        Undecodable => Warning, "Decode";
     }
 }
 
@@ -110,7 +95,25 @@ impl<E: ReconcileError> Failure<E> {
     }
 }
 
-type Guarded<K> = DeserializeGuard<K>;
+type Guarded<K> = Decoded<K>;
+
+/// A kind a controller can control: a typed resource that decodes from the API and can be
+/// shared between tasks.
+pub trait Kind:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Kind for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
 type Trigger<K> = Box<dyn Fn(&Change) -> Option<ObjectRef<Guarded<K>>> + Send + Sync>;
 
 /// A controller of kind `K` being put together; see the module docs.
@@ -130,13 +133,7 @@ impl Runtime {
     /// operator's scope). Their watch starts now, on every replica.
     pub fn controller<K>(&self, name: &'static str, config: watcher::Config) -> ControllerBuilder<K>
     where
-        K: Resource<DynamicType = ()>
-            + Clone
-            + DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
+        K: Kind,
         K::Scope: ApiScope,
     {
         let objects = self.cache(name, self.api::<Guarded<K>>(), config);
@@ -150,16 +147,7 @@ impl Runtime {
     }
 }
 
-impl<K> ControllerBuilder<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
+impl<K: Kind> ControllerBuilder<K> {
     /// Reconciles an object when something it controls changes: an object in `changes` whose
     /// `ownerReferences` name it with `controller: true`.
     #[must_use]
@@ -527,5 +515,87 @@ where
             tracing::warn!(controller = shared.name, object = %key, error = %err, attempt, retry_in = ?delay, "reconcile failed; will retry");
             Action::requeue(delay)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::watcher::Event;
+
+    fn guarded(name: &str) -> Guarded<ConfigMap> {
+        Decoded(Ok(ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        }))
+    }
+
+    /// What a controller shares, remembering `memory`, with no reconcile function.
+    fn shared(memory: Memory) -> Arc<Shared<(), ()>> {
+        Arc::new(Shared {
+            name: "test",
+            ctx: Arc::new(()),
+            reconcile: (),
+            runtime: crate::testing::test_runtime(),
+            pacing: Duration::ZERO,
+            backoff: Backoff::default(),
+            memory: Mutex::new(memory),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_deleted_object_is_forgotten_and_the_others_are_reconciled() {
+        let (objects, mut feed) = Cache::<Guarded<ConfigMap>>::new();
+        let shared = shared(Memory {
+            failures: HashMap::from([("ns/a".into(), 3), ("ns/b".into(), 1)]),
+            undecodable: HashMap::from([("ns/a".into(), Some(1))]),
+        });
+        let mut triggers = term_triggers(&objects, &Arc::new(Vec::new()), &shared);
+        feed.apply(&Event::Delete(guarded("a")));
+        feed.apply(&Event::Apply(guarded("c")));
+        let next = tokio::time::timeout(Duration::from_secs(5), triggers.next())
+            .await
+            .expect("a trigger");
+        assert_eq!(
+            next.map(|r| r.name),
+            Some("c".to_string()),
+            "nothing for the deleted one"
+        );
+        let memory = shared.memory();
+        assert!(
+            !memory.failures.contains_key("ns/a"),
+            "its backoff is forgotten"
+        );
+        assert!(!memory.undecodable.contains_key("ns/a"));
+        assert_eq!(
+            memory.failures.get("ns/b"),
+            Some(&1),
+            "the others keep theirs"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_term_begins_with_every_object_once_the_cache_is_synced() {
+        let (objects, mut feed) = Cache::<Guarded<ConfigMap>>::new();
+        let shared = shared(Memory::default());
+        feed.apply(&Event::Init);
+        feed.apply(&Event::InitApply(guarded("x")));
+        feed.apply(&Event::InitApply(guarded("y")));
+        let mut triggers = term_triggers(&objects, &Arc::new(Vec::new()), &shared);
+        feed.apply(&Event::InitDone);
+        let mut names = Vec::new();
+        for _ in 0..2 {
+            let next = tokio::time::timeout(Duration::from_secs(5), triggers.next())
+                .await
+                .expect("a trigger");
+            names.extend(next.map(|r| r.name));
+        }
+        names.sort();
+        assert_eq!(names, ["x", "y"]);
     }
 }

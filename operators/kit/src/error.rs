@@ -57,6 +57,28 @@ pub trait ReconcileError: std::error::Error + Send + Sync + 'static {
     fn metric_reason(&self) -> &'static str;
 }
 
+/// An operator whose reconcile can fail only at the API may return kube's error itself.
+impl ReconcileError for kube::Error {
+    fn class(&self) -> ErrorClass {
+        classify_kube_error(self)
+    }
+
+    fn metric_reason(&self) -> &'static str {
+        kube_error_metric_reason(self)
+    }
+}
+
+/// An operator whose reconcile cannot fail.
+impl ReconcileError for std::convert::Infallible {
+    fn class(&self) -> ErrorClass {
+        match *self {}
+    }
+
+    fn metric_reason(&self) -> &'static str {
+        match *self {}
+    }
+}
+
 /// The class of an error returned by the API server or the client.
 ///
 /// A rejected object (`422 Invalid`, `400 BadRequest`) will be rejected again until someone

@@ -41,6 +41,53 @@ pub trait Reason: Copy {
     fn action(self) -> &'static str;
 }
 
+/// Declares an enum of event reasons whose `reason` is the variant's name, each with its type
+/// and action:
+///
+/// ```
+/// gantry_kit::reasons! {
+///     /// What the probe records.
+///     pub enum ProbeReason {
+///         /// A probe was reconciled.
+///         ProbeReady => Normal, "Reconcile";
+///     }
+/// }
+/// # use gantry_kit::events::Reason as _;
+/// assert_eq!(ProbeReason::ProbeReady.reason(), "ProbeReady");
+/// ```
+#[macro_export]
+macro_rules! reasons {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident {
+        $($(#[$variant_meta:meta])* $variant:ident => $type:ident, $action:literal;)+
+    }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant,)+
+        }
+
+        impl $crate::events::Reason for $name {
+            fn reason(self) -> &'static str {
+                match self {
+                    $($name::$variant => stringify!($variant),)+
+                }
+            }
+
+            fn event_type(self) -> $crate::events::EventType {
+                match self {
+                    $($name::$variant => $crate::events::EventType::$type,)+
+                }
+            }
+
+            fn action(self) -> &'static str {
+                match self {
+                    $($name::$variant => $action,)+
+                }
+            }
+        }
+    };
+}
+
 /// Whether an event reports something going as intended or something to look at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventType {

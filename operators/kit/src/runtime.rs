@@ -105,27 +105,25 @@ struct Inner {
     shutdown_delay: Duration,
 }
 
-/// Builds a [`Runtime`]: the process does it from the command line; tests and embedders from
-/// a client of their own.
-pub struct RuntimeBuilder {
-    info: OperatorInfo,
-    client: Client,
-    scope: Scope,
-    identity: Option<String>,
-    metrics: Option<Metrics>,
-    readiness: Arc<Readiness>,
-    leadership: Leadership,
-    shutdown: CancellationToken,
-    reconcile_interval: Duration,
-    shutdown_delay: Duration,
+/// How a [`Runtime`] is set up: the process fills it in from the command line; tests and
+/// embedders set what they need and take the rest from `Default` (every namespace, always
+/// leading, no pacing, a fresh registry and readiness).
+pub struct RuntimeSettings {
+    pub scope: Scope,
+    /// Default: the operator's name.
+    pub identity: Option<String>,
+    /// Default: a fresh registry.
+    pub metrics: Option<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub leadership: Leadership,
+    pub shutdown: CancellationToken,
+    pub reconcile_interval: Duration,
+    pub shutdown_delay: Duration,
 }
 
-impl RuntimeBuilder {
-    /// Watches every namespace, always leads, no pacing, a fresh registry and readiness.
-    pub fn new(info: OperatorInfo, client: Client) -> Self {
+impl Default for RuntimeSettings {
+    fn default() -> Self {
         Self {
-            info,
-            client,
             scope: Scope::All,
             identity: None,
             metrics: None,
@@ -136,79 +134,31 @@ impl RuntimeBuilder {
             shutdown_delay: Duration::ZERO,
         }
     }
-
-    #[must_use]
-    pub fn scope(mut self, scope: Scope) -> Self {
-        self.scope = scope;
-        self
-    }
-
-    #[must_use]
-    pub fn identity(mut self, identity: String) -> Self {
-        self.identity = Some(identity);
-        self
-    }
-
-    #[must_use]
-    pub fn metrics(mut self, metrics: Metrics) -> Self {
-        self.metrics = Some(metrics);
-        self
-    }
-
-    #[must_use]
-    pub fn readiness(mut self, readiness: Arc<Readiness>) -> Self {
-        self.readiness = readiness;
-        self
-    }
-
-    #[must_use]
-    pub fn leadership(mut self, leadership: Leadership) -> Self {
-        self.leadership = leadership;
-        self
-    }
-
-    #[must_use]
-    pub fn shutdown(mut self, shutdown: CancellationToken) -> Self {
-        self.shutdown = shutdown;
-        self
-    }
-
-    #[must_use]
-    pub fn reconcile_interval(mut self, interval: Duration) -> Self {
-        self.reconcile_interval = interval;
-        self
-    }
-
-    #[must_use]
-    pub fn shutdown_delay(mut self, delay: Duration) -> Self {
-        self.shutdown_delay = delay;
-        self
-    }
-
-    pub fn build(self) -> Runtime {
-        let identity = self.identity.unwrap_or_else(|| self.info.name.to_string());
-        let metrics = self
-            .metrics
-            .unwrap_or_else(|| Metrics::new(self.info.name, self.info.version));
-        Runtime {
-            inner: Arc::new(Inner {
-                events: Events::new(self.client.clone(), self.info.name, Some(identity.clone())),
-                info: self.info,
-                client: self.client,
-                scope: self.scope,
-                identity,
-                metrics,
-                readiness: self.readiness,
-                leadership: self.leadership,
-                shutdown: self.shutdown,
-                reconcile_interval: self.reconcile_interval,
-                shutdown_delay: self.shutdown_delay,
-            }),
-        }
-    }
 }
 
 impl Runtime {
+    pub fn new(info: OperatorInfo, client: Client, settings: RuntimeSettings) -> Self {
+        let identity = settings.identity.unwrap_or_else(|| info.name.to_string());
+        let metrics = settings
+            .metrics
+            .unwrap_or_else(|| Metrics::new(info.name, info.version));
+        Runtime {
+            inner: Arc::new(Inner {
+                events: Events::new(client.clone(), info.name, Some(identity.clone())),
+                info,
+                client,
+                scope: settings.scope,
+                identity,
+                metrics,
+                readiness: settings.readiness,
+                leadership: settings.leadership,
+                shutdown: settings.shutdown,
+                reconcile_interval: settings.reconcile_interval,
+                shutdown_delay: settings.shutdown_delay,
+            }),
+        }
+    }
+
     pub fn info(&self) -> &OperatorInfo {
         &self.inner.info
     }
@@ -405,19 +355,23 @@ where
         metrics.clone(),
         leadership.clone(),
     ));
-    let runtime = RuntimeBuilder::new(info, client)
-        .scope(match &kit.namespace {
-            Some(ns) => Scope::Namespace(ns.clone()),
-            None => Scope::All,
-        })
-        .identity(identity)
-        .metrics(metrics.clone())
-        .readiness(readiness.clone())
-        .leadership(leadership)
-        .shutdown(shutdown.clone())
-        .reconcile_interval(kit.reconcile_interval())
-        .shutdown_delay(kit.shutdown_delay())
-        .build();
+    let runtime = Runtime::new(
+        info,
+        client,
+        RuntimeSettings {
+            scope: match &kit.namespace {
+                Some(ns) => Scope::Namespace(ns.clone()),
+                None => Scope::All,
+            },
+            identity: Some(identity),
+            metrics: Some(metrics.clone()),
+            readiness: readiness.clone(),
+            leadership,
+            shutdown: shutdown.clone(),
+            reconcile_interval: kit.reconcile_interval(),
+            shutdown_delay: kit.shutdown_delay(),
+        },
+    );
     tracing::info!(scope = ?runtime.scope(), identity = %runtime.identity(), "starting");
 
     let mut work = Box::pin(body(runtime, operator));
@@ -558,9 +512,14 @@ mod tests {
     async fn leader_only_work_runs_per_term_and_stops_the_moment_the_lease_is_lost() {
         let (standing, leadership) = Leadership::channel();
         let base = crate::testing::test_runtime();
-        let runtime = RuntimeBuilder::new(*base.info(), base.client().clone())
-            .leadership(leadership)
-            .build();
+        let runtime = Runtime::new(
+            *base.info(),
+            base.client().clone(),
+            RuntimeSettings {
+                leadership,
+                ..RuntimeSettings::default()
+            },
+        );
         let (starts, running) = (
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicBool::new(false)),
@@ -632,6 +591,32 @@ mod tests {
             .await
             .expect("term 1 is over");
         assert_eq!(leadership.acquired().await, 2);
+    }
+
+    #[tokio::test]
+    async fn apis_follow_the_scope_for_namespaced_kinds_only() {
+        use k8s_openapi::api::core::v1::{Node, Pod};
+        let base = crate::testing::test_runtime();
+        let runtime = Runtime::new(
+            *base.info(),
+            base.client().clone(),
+            RuntimeSettings {
+                scope: Scope::Namespace("team-a".into()),
+                ..RuntimeSettings::default()
+            },
+        );
+        let pods = runtime.api::<Pod>().resource_url().to_string();
+        let nodes = runtime.api::<Node>().resource_url().to_string();
+        assert_eq!(pods, "/api/v1/namespaces/team-a/pods");
+        assert_eq!(
+            nodes, "/api/v1/nodes",
+            "cluster-scoped kinds are cluster-wide"
+        );
+        let all = crate::testing::test_runtime()
+            .api::<Pod>()
+            .resource_url()
+            .to_string();
+        assert_eq!(all, "/api/v1/pods");
     }
 
     #[tokio::test]

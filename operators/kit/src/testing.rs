@@ -43,7 +43,7 @@ pub fn test_runtime() -> crate::Runtime {
         version: "0",
         crds: Vec::new,
     };
-    crate::runtime::RuntimeBuilder::new(info, client).build()
+    crate::Runtime::new(info, client, crate::runtime::RuntimeSettings::default())
 }
 
 /// GET `path` over TLS from `addr`, trusting only `root_pem` and expecting the certificate to
@@ -64,29 +64,7 @@ pub async fn https_request(
     root_pem: &str,
     body: &[u8],
 ) -> Result<(u16, String), String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    use std::sync::Arc;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
-        roots
-            .add(cert.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(crate::certs::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let name = ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?;
-    let mut tls = connector
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut tls = connect(addr, root_pem).await?;
     let head = format!(
         "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
@@ -114,4 +92,69 @@ pub fn self_signed(names: &[&str]) -> (String, String) {
         params.self_signed(&key).expect("signs").pem(),
         key.serialize_pem(),
     )
+}
+
+/// A TLS connection to `addr` that trusts only `root_pem` and expects a certificate for
+/// 127.0.0.1.
+pub async fn connect(
+    addr: SocketAddr,
+    root_pem: &str,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::sync::Arc;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(crate::certs::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Certificates holding a fresh self-signed certificate for 127.0.0.1, and that certificate
+/// (PEM) for clients to trust.
+pub fn self_signed_certificates(name: &str) -> (crate::certs::Certificates, String) {
+    let certificates = crate::certs::Certificates::empty(name);
+    let cert = renew_self_signed(&certificates);
+    (certificates, cert)
+}
+
+/// Puts a fresh self-signed certificate for 127.0.0.1 into `certificates`; returns it (PEM).
+pub fn renew_self_signed(certificates: &crate::certs::Certificates) -> String {
+    let (cert, key) = self_signed(&["127.0.0.1"]);
+    certificates.set(crate::certs::load_pem(cert.as_bytes(), key.as_bytes()).expect("loads"));
+    cert
+}
+
+/// Serves `router` as `name` on a loopback port of the runtime's, presenting `certificates`.
+pub async fn serve(
+    runtime: &crate::Runtime,
+    name: &'static str,
+    router: axum::Router,
+    certificates: crate::certs::Certificates,
+    max_connection_age: std::time::Duration,
+) -> crate::https::Https {
+    runtime
+        .serve_https_with(
+            name,
+            "127.0.0.1:0".parse().expect("addr"),
+            router,
+            certificates,
+            max_connection_age,
+        )
+        .await
+        .expect("listens")
 }

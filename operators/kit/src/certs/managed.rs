@@ -548,34 +548,50 @@ impl Leader {
         for configuration in &self.settings.webhooks {
             everywhere &= match configuration {
                 WebhookConfiguration::Validating(name) => {
-                    let api: Api<ValidatingWebhookConfiguration> =
-                        Api::all(self.runtime.client().clone());
-                    let names = api.get_opt(name).await?.map(|c| {
-                        c.webhooks
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|w| (w.name, w.client_config.ca_bundle))
-                            .collect::<Vec<_>>()
-                    });
-                    patch_bundles(&api, name, names, bundle, self.runtime.field_manager()).await?
+                    self.publish_to::<ValidatingWebhookConfiguration>(name, bundle)
+                        .await?
                 }
                 WebhookConfiguration::Mutating(name) => {
-                    let api: Api<MutatingWebhookConfiguration> =
-                        Api::all(self.runtime.client().clone());
-                    let names = api.get_opt(name).await?.map(|c| {
-                        c.webhooks
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|w| (w.name, w.client_config.ca_bundle))
-                            .collect::<Vec<_>>()
-                    });
-                    patch_bundles(&api, name, names, bundle, self.runtime.field_manager()).await?
+                    self.publish_to::<MutatingWebhookConfiguration>(name, bundle)
+                        .await?
                 }
             };
         }
         Ok(everywhere)
     }
+
+    async fn publish_to<K: Webhooks>(&self, name: &str, bundle: &str) -> Result<bool, RotateError> {
+        let api: Api<K> = Api::all(self.runtime.client().clone());
+        let webhooks = api.get_opt(name).await?.map(Webhooks::bundles);
+        Ok(patch_bundles(&api, name, webhooks, bundle, self.runtime.field_manager()).await?)
+    }
 }
+
+/// A kind of webhook configuration: its webhooks' names and the CA bundle each trusts.
+trait Webhooks:
+    kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+    fn bundles(self) -> Vec<(String, Option<ByteString>)>;
+}
+
+macro_rules! webhooks {
+    ($($kind:ty),*) => {$(
+        impl Webhooks for $kind {
+            fn bundles(self) -> Vec<(String, Option<ByteString>)> {
+                self.webhooks
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|w| (w.name, w.client_config.ca_bundle))
+                    .collect()
+            }
+        }
+    )*};
+}
+
+webhooks!(ValidatingWebhookConfiguration, MutatingWebhookConfiguration);
 
 /// Sets `caBundle` on every webhook of one configuration whose bundle differs, each guarded by
 /// a test of the webhook's name at its index. Returns whether the configuration exists (a

@@ -355,6 +355,67 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn certificate_files_are_read_again_when_they_change_and_a_bad_pair_is_refused() {
+        let runtime = crate::testing::test_runtime();
+        let dir = std::env::temp_dir().join(format!("gantry-kit-certs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let write = |names: &[&str]| {
+            let (c, k) = self_signed(names);
+            std::fs::write(&cert, c).expect("writes");
+            std::fs::write(&key, k).expect("writes");
+        };
+        write(&["first.test"]);
+        let args = TlsArgs {
+            tls_cert_file: Some(cert.clone()),
+            tls_key_file: Some(key.clone()),
+            tls_secret: None,
+            tls_names: Vec::new(),
+            tls_webhook_configurations: Vec::new(),
+            tls_validity: Duration::from_secs(3600),
+            tls_ca_validity: Duration::from_secs(36_000),
+            tls_propagation_delay: Duration::from_secs(1),
+        };
+        let certificates = runtime.certificates("files", &args).expect("files");
+        let mut loaded = certificates.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), certificates.loaded())
+            .await
+            .expect("loads the first pair");
+        loaded.borrow_and_update();
+        let metric = |outcome: &str| {
+            format!(r#"gantry_tls_certificate_loads_total{{server="files",outcome="{outcome}"}}"#)
+        };
+        // A key that does not match: refused, the first certificate stays.
+        let (_, other_key) = self_signed(&["other.test"]);
+        std::fs::write(&key, other_key).expect("writes");
+        let refused = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let text = runtime.metrics().encode().expect("encodes");
+                if text.contains(&format!("{} 1", metric("Rejected"))) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(refused.is_ok(), "the mismatched pair was rejected");
+        assert!(
+            !loaded.has_changed().expect("open"),
+            "the first certificate stays"
+        );
+        // A good new pair is served.
+        write(&["second.test"]);
+        tokio::time::timeout(Duration::from_secs(10), loaded.changed())
+            .await
+            .expect("the new pair is loaded")
+            .expect("open");
+        let text = runtime.metrics().encode().expect("encodes");
+        assert!(text.contains(&format!("{} 2", metric("Loaded"))), "{text}");
+        runtime.shutdown_token().cancel();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn durations_read_as_kubernetes_writes_them() {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));

@@ -17,11 +17,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use axum::Router;
-use gantry_kit::events::{EventType, Reason};
+use gantry_kit::admission;
 use gantry_kit::https::HttpsArgs;
 use gantry_kit::index::Index;
 use gantry_kit::runtime::{self, BoxError, OperatorInfo, Runtime};
-use gantry_kit::{ErrorClass, ReconcileError, admission};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Resource;
 use kube::api::DynamicObject;
@@ -62,33 +61,10 @@ struct NoopArgs {
     https: HttpsArgs,
 }
 
-/// Observing cannot fail; the kit still needs an error type.
-#[derive(Debug, thiserror::Error)]
-enum ObserveError {}
-
-impl ReconcileError for ObserveError {
-    fn class(&self) -> ErrorClass {
-        match *self {}
-    }
-    fn metric_reason(&self) -> &'static str {
-        match *self {}
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum NoopReason {
-    Observed,
-}
-
-impl Reason for NoopReason {
-    fn reason(self) -> &'static str {
-        "Observed"
-    }
-    fn event_type(self) -> EventType {
-        EventType::Normal
-    }
-    fn action(self) -> &'static str {
-        "Observe"
+gantry_kit::reasons! {
+    enum NoopReason {
+        /// A ConfigMap matching the selector was seen.
+        Observed => Normal, "Observe";
     }
 }
 
@@ -101,7 +77,7 @@ struct Observer {
 async fn observe(
     config_map: Arc<ConfigMap>,
     observer: Arc<Observer>,
-) -> Result<Action, ObserveError> {
+) -> Result<Action, std::convert::Infallible> {
     let keys = config_map.data.as_ref().map_or(0, |d| d.len());
     let note = match &observer.node {
         Some((node, pods)) => format!("{keys} data keys; {} pods on {node}", pods.get(node).len()),

@@ -4,11 +4,9 @@
 
 use std::sync::Arc;
 
+use gantry_kit::Runtime;
 use gantry_kit::apply::apply_status;
 use gantry_kit::conditions::{self, Summary};
-use gantry_kit::error::{classify_kube_error, kube_error_metric_reason};
-use gantry_kit::events::{EventType, Reason};
-use gantry_kit::{ErrorClass, ReconcileError, Runtime};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
@@ -53,57 +51,18 @@ pub fn crd()
     <Probe as kube::CustomResourceExt>::crd()
 }
 
-/// Why a probe's reconcile failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
-    #[error("the Probe has no namespace")]
-    NoNamespace,
-    #[error("Kubernetes API error: {0}")]
-    Kube(#[from] kube::Error),
-}
-
-impl ReconcileError for ProbeError {
-    fn class(&self) -> ErrorClass {
-        match self {
-            ProbeError::NoNamespace => ErrorClass::Permanent,
-            ProbeError::Kube(err) => classify_kube_error(err),
-        }
-    }
-
-    fn metric_reason(&self) -> &'static str {
-        match self {
-            ProbeError::NoNamespace => "NoNamespace",
-            ProbeError::Kube(err) => kube_error_metric_reason(err),
-        }
-    }
-}
-
-/// What the probe operator records.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProbeReason {
-    /// A probe was reconciled to Ready for its current generation.
-    ProbeReady,
-}
-
-impl Reason for ProbeReason {
-    fn reason(self) -> &'static str {
-        match self {
-            ProbeReason::ProbeReady => "ProbeReady",
-        }
-    }
-
-    fn event_type(self) -> EventType {
-        EventType::Normal
-    }
-
-    fn action(self) -> &'static str {
-        "Reconcile"
+gantry_kit::reasons! {
+    /// What the probe operator records.
+    pub enum ProbeReason {
+        /// A probe was reconciled to Ready for its current generation.
+        ProbeReady => Normal, "Reconcile";
     }
 }
 
 /// Sets Ready (with the message) for the probe's generation, once.
-pub async fn reconcile(probe: Arc<Probe>, runtime: Arc<Runtime>) -> Result<Action, ProbeError> {
-    let namespace = probe.namespace().ok_or(ProbeError::NoNamespace)?;
+pub async fn reconcile(probe: Arc<Probe>, runtime: Arc<Runtime>) -> Result<Action, kube::Error> {
+    // A namespaced kind: the API always gives one.
+    let namespace = probe.namespace().unwrap_or_default();
     let previous = probe.status.clone().unwrap_or_default();
     let mut status = previous.clone();
     let now = Time(Timestamp::now());

@@ -237,6 +237,15 @@ fn helm_output(helm: &Path, args: &[&str], dir: Option<&Path>) -> anyhow::Result
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
+/// The elements of the sequence at `key`, none when it is missing.
+fn items<'a>(value: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+    value
+        .get(key)
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+}
+
 fn kind_of(doc: &Value) -> &str {
     doc.get("kind").and_then(Value::as_str).unwrap_or_default()
 }
@@ -272,16 +281,11 @@ pub fn conventions(
     // Only a node agent may have privileges at all.
     let none = Privileges::default();
     problems.extend(pod_security(&pod, if agent { privileges } else { &none }));
-    let leader_elect = pod
-        .get("containers")
-        .and_then(Value::as_sequence)
-        .into_iter()
-        .flatten()
-        .any(|c| {
-            c.get("args")
-                .and_then(Value::as_sequence)
-                .is_some_and(|args| args.iter().any(|a| a.as_str() == Some("--leader-elect")))
-        });
+    let leader_elect = items(&pod, "containers").any(|c| {
+        c.get("args")
+            .and_then(Value::as_sequence)
+            .is_some_and(|args| args.iter().any(|a| a.as_str() == Some("--leader-elect")))
+    });
     let has = |kind: &str| docs.iter().any(|d| kind_of(d) == kind);
     let wants_election = !agent && replicas > 1;
     if wants_election != leader_elect {
@@ -335,24 +339,14 @@ fn pod_security(pod: &Value, privileges: &Privileges) -> Vec<String> {
             problems.push(format!("pod sets {host}"));
         }
     }
-    for volume in pod
-        .get("volumes")
-        .and_then(Value::as_sequence)
-        .into_iter()
-        .flatten()
-    {
+    for volume in items(pod, "volumes") {
         if let Some(path) = at(volume, &["hostPath", "path"]).and_then(Value::as_str)
             && !privileges.host_paths.iter().any(|p| p == path)
         {
             problems.push(format!("host path {path} is not declared in Chart.yaml"));
         }
     }
-    for container in pod
-        .get("containers")
-        .and_then(Value::as_sequence)
-        .into_iter()
-        .flatten()
-    {
+    for container in items(pod, "containers") {
         let name = container.get("name").and_then(Value::as_str).unwrap_or("?");
         let security = container.get("securityContext");
         let flag = |key: &str| security.and_then(|s| s.get(key)).and_then(Value::as_bool);
@@ -425,15 +419,11 @@ fn rbac_scope(docs: &[Value], watch_namespace: Option<&str>) -> Vec<String> {
         None => {}
         Some(ns) => {
             let broad = cluster_roles.iter().any(|role| {
-                role.get("rules")
-                    .and_then(Value::as_sequence)
-                    .into_iter()
-                    .flatten()
-                    .any(|r| {
-                        r.get("resourceNames")
-                            .and_then(Value::as_sequence)
-                            .is_none_or(|n| n.is_empty())
-                    })
+                items(role, "rules").any(|r| {
+                    r.get("resourceNames")
+                        .and_then(Value::as_sequence)
+                        .is_none_or(|n| n.is_empty())
+                })
             });
             if broad {
                 problems.push(format!(
@@ -461,12 +451,7 @@ fn webhook_scope(docs: &[Value]) -> Vec<String> {
             "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration"
         )
     }) {
-        for webhook in config
-            .get("webhooks")
-            .and_then(Value::as_sequence)
-            .into_iter()
-            .flatten()
-        {
+        for webhook in items(config, "webhooks") {
             let name = webhook.get("name").and_then(Value::as_str).unwrap_or("?");
             let service_namespace =
                 at(webhook, &["clientConfig", "service", "namespace"]).and_then(Value::as_str);
@@ -478,12 +463,7 @@ fn webhook_scope(docs: &[Value]) -> Vec<String> {
                     e.get("key").and_then(Value::as_str) == Some("kubernetes.io/metadata.name")
                         && e.get("operator").and_then(Value::as_str) == Some("NotIn")
                 })
-                .flat_map(|e| {
-                    e.get("values")
-                        .and_then(Value::as_sequence)
-                        .into_iter()
-                        .flatten()
-                })
+                .flat_map(|e| items(e, "values"))
                 .filter_map(Value::as_str)
                 .collect();
             for namespace in PROTECTED_NAMESPACES

@@ -1,5 +1,6 @@
 //! The gray-upgrade operator's own metrics (the kit adds the reconcile metrics).
 
+use gantry_kit::metrics::registered;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -33,33 +34,32 @@ pub struct GrayMetrics {
 
 impl GrayMetrics {
     pub fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            instances: Family::default(),
-            upgrades: Family::default(),
-            in_place_seconds: Histogram::new(exponential_buckets(0.25, 2.0, 14)),
-            batch_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
-        };
-        registry.register(
-            "grayapp_instances",
-            "Instances per GrayApp revision",
-            metrics.instances.clone(),
-        );
-        registry.register(
-            "grayapp_upgrades",
-            "Instance upgrades by outcome",
-            metrics.upgrades.clone(),
-        );
-        registry.register(
-            "grayapp_in_place_upgrade_duration_seconds",
-            "Time from the in-place patch to the new container being Ready",
-            metrics.in_place_seconds.clone(),
-        );
-        registry.register(
-            "grayapp_batch_duration_seconds",
-            "Time from a batch's start to passing its health gate",
-            metrics.batch_seconds.clone(),
-        );
-        metrics
+        Self {
+            instances: registered(
+                registry,
+                "grayapp_instances",
+                "Instances per GrayApp revision",
+                Family::default(),
+            ),
+            upgrades: registered(
+                registry,
+                "grayapp_upgrades",
+                "Instance upgrades by outcome",
+                Family::default(),
+            ),
+            in_place_seconds: registered(
+                registry,
+                "grayapp_in_place_upgrade_duration_seconds",
+                "Time from the in-place patch to the new container being Ready",
+                Histogram::new(exponential_buckets(0.25, 2.0, 14)),
+            ),
+            batch_seconds: registered(
+                registry,
+                "grayapp_batch_duration_seconds",
+                "Time from a batch's start to passing its health gate",
+                Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            ),
+        }
     }
 
     pub fn count(&self, outcome: UpgradeOutcome) {

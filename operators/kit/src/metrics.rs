@@ -52,27 +52,26 @@ pub struct ReconcileMetrics {
 
 impl ReconcileMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            reconciles: Family::default(),
-            errors: Family::default(),
-            duration: Family::new_with_constructor(reconcile_duration_histogram),
-        };
-        registry.register(
-            "reconcile",
-            "Reconciles run, by controller",
-            metrics.reconciles.clone(),
-        );
-        registry.register(
-            "reconcile_errors",
-            "Reconciles that failed, by controller and reason",
-            metrics.errors.clone(),
-        );
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time spent in one reconcile, by controller",
-            metrics.duration.clone(),
-        );
-        metrics
+        Self {
+            reconciles: registered(
+                registry,
+                "reconcile",
+                "Reconciles run, by controller",
+                Family::default(),
+            ),
+            errors: registered(
+                registry,
+                "reconcile_errors",
+                "Reconciles that failed, by controller and reason",
+                Family::default(),
+            ),
+            duration: registered(
+                registry,
+                "reconcile_duration_seconds",
+                "Time spent in one reconcile, by controller",
+                Family::new_with_constructor(reconcile_duration_histogram),
+            ),
+        }
     }
 
     /// Records one finished reconcile; `error_reason` is `Some` when it failed.
@@ -167,33 +166,32 @@ pub struct HttpMetrics {
 
 impl HttpMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            requests: Family::default(),
-            errors: Family::default(),
-            duration: Family::new_with_constructor(request_duration_histogram),
-            handshake_errors: Family::default(),
-        };
-        registry.register(
-            "http_requests",
-            "Requests answered, by service, route and status class",
-            metrics.requests.clone(),
-        );
-        registry.register(
-            "http_request_errors",
-            "Requests answered with a server error, by service and route",
-            metrics.errors.clone(),
-        );
-        registry.register(
-            "http_request_duration_seconds",
-            "Time to answer a request, by service and route",
-            metrics.duration.clone(),
-        );
-        registry.register(
-            "https_handshake_errors",
-            "TLS handshakes that failed or timed out, by service",
-            metrics.handshake_errors.clone(),
-        );
-        metrics
+        Self {
+            requests: registered(
+                registry,
+                "http_requests",
+                "Requests answered, by service, route and status class",
+                Family::default(),
+            ),
+            errors: registered(
+                registry,
+                "http_request_errors",
+                "Requests answered with a server error, by service and route",
+                Family::default(),
+            ),
+            duration: registered(
+                registry,
+                "http_request_duration_seconds",
+                "Time to answer a request, by service and route",
+                Family::new_with_constructor(request_duration_histogram),
+            ),
+            handshake_errors: registered(
+                registry,
+                "https_handshake_errors",
+                "TLS handshakes that failed or timed out, by service",
+                Family::default(),
+            ),
+        }
     }
 
     /// Records one answered request; `route` is the matched route's template.
@@ -250,15 +248,14 @@ pub struct AdmissionMetrics {
 
 impl AdmissionMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            reviews: Family::default(),
-        };
-        registry.register(
-            "admission_reviews",
-            "Admission reviews answered, by route and outcome",
-            metrics.reviews.clone(),
-        );
-        metrics
+        Self {
+            reviews: registered(
+                registry,
+                "admission_reviews",
+                "Admission reviews answered, by route and outcome",
+                Family::default(),
+            ),
+        }
     }
 
     pub fn reviewed(&self, route: &str, outcome: AdmissionOutcome) {
@@ -298,27 +295,26 @@ pub struct TlsMetrics {
 
 impl TlsMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            expiry: Family::default(),
-            reloads: Family::default(),
-            rotations: Family::default(),
-        };
-        registry.register(
-            "tls_certificate_expiry_timestamp_seconds",
-            "When the certificate a service presents expires (Unix time)",
-            metrics.expiry.clone(),
-        );
-        registry.register(
-            "tls_certificate_loads",
-            "Certificates loaded or rejected (the old one kept), by service",
-            metrics.reloads.clone(),
-        );
-        registry.register(
-            "tls_rotations",
-            "Changes the managed certificate authority made, by step",
-            metrics.rotations.clone(),
-        );
-        metrics
+        Self {
+            expiry: registered(
+                registry,
+                "tls_certificate_expiry_timestamp_seconds",
+                "When the certificate a service presents expires (Unix time)",
+                Family::default(),
+            ),
+            reloads: registered(
+                registry,
+                "tls_certificate_loads",
+                "Certificates loaded or rejected (the old one kept), by service",
+                Family::default(),
+            ),
+            rotations: registered(
+                registry,
+                "tls_rotations",
+                "Changes the managed certificate authority made, by step",
+                Family::default(),
+            ),
+        }
     }
 
     pub fn reloaded(&self, server: &str, ok: bool) {
@@ -366,15 +362,14 @@ pub struct ClusterMetrics {
 
 impl ClusterMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            reachable: Family::default(),
-        };
-        registry.register(
-            "cluster_reachable",
-            "1 while the named cluster's API server answers, else 0",
-            metrics.reachable.clone(),
-        );
-        metrics
+        Self {
+            reachable: registered(
+                registry,
+                "cluster_reachable",
+                "1 while the named cluster's API server answers, else 0",
+                Family::default(),
+            ),
+        }
     }
 
     pub fn set_reachable(&self, cluster: &str, reachable: bool) {
@@ -391,6 +386,16 @@ impl ClusterMetrics {
             cluster: cluster.to_string(),
         });
     }
+}
+
+/// Registers `metric` as `name` and gives it back: a struct of metrics is built, and
+/// registered, in one expression.
+pub fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 /// The operator's metrics registry.
@@ -412,17 +417,17 @@ impl Metrics {
     pub fn new(operator: &str, version: &str) -> Self {
         let mut registry = Registry::with_prefix("gantry");
         let reconcile = ReconcileMetrics::register(&mut registry);
-        let leader = Gauge::default();
-        registry.register(
+        let leader = registered(
+            &mut registry,
             "leader_is_leader",
             "1 while this replica is the leader and may act",
-            leader.clone(),
+            Gauge::default(),
         );
-        let leader_terms = Counter::default();
-        registry.register(
+        let leader_terms = registered(
+            &mut registry,
             "leader_terms",
             "Terms this replica has begun as the leader",
-            leader_terms.clone(),
+            Counter::default(),
         );
         registry.register(
             "build",

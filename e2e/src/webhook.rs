@@ -60,6 +60,7 @@ pub struct HttpsServer {
     pub addr: SocketAddr,
     ca: Ca,
     task: tokio::task::JoinHandle<()>,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl HttpsServer {
@@ -91,6 +92,8 @@ impl HttpsServer {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
         let handler = Arc::new(handler);
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&requests);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -98,12 +101,14 @@ impl HttpsServer {
                 };
                 let acceptor = acceptor.clone();
                 let handler = handler.clone();
+                let counted = Arc::clone(&counted);
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     let service = service_fn(move |req: hyper::Request<Incoming>| {
                         let handler = handler.clone();
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         async move {
                             let method = req.method().clone();
                             let path = req
@@ -136,7 +141,17 @@ impl HttpsServer {
                 });
             }
         });
-        Ok(Self { addr, ca, task })
+        Ok(Self {
+            addr,
+            ca,
+            task,
+            requests,
+        })
+    }
+
+    /// How many requests the server has been sent so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The CA certificate (PEM) that signed the server certificate.

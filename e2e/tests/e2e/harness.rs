@@ -1,8 +1,6 @@
 //! End-to-end tests that prove the harness itself: the control plane, kwok's simulated
 //! kubelet behaviour, the scheduler and admission webhooks over TLS.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -328,45 +326,39 @@ async fn pod_asking_for_more_extended_resource_than_any_node_has_stays_pending()
 #[tokio::test]
 async fn https_admission_webhook_on_the_host_is_called_by_the_api_server() -> Result<()> {
     let env = TestEnv::new("webhook").await?;
-    let calls = Arc::new(AtomicUsize::new(0));
     let server = {
-        let calls = calls.clone();
-        HttpsServer::start(move |request| {
-            let calls = calls.clone();
-            async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                let review: AdmissionReview<DynamicObject> =
-                    match serde_json::from_slice(&request.body) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            return Response {
-                                status: 400,
-                                content_type: "text/plain",
-                                body: e.to_string().into_bytes(),
-                            };
-                        }
-                    };
-                let Ok(req): Result<AdmissionRequest<DynamicObject>, _> = review.try_into() else {
+        HttpsServer::start(move |request| async move {
+            let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&request.body)
+            {
+                Ok(r) => r,
+                Err(e) => {
                     return Response {
                         status: 400,
                         content_type: "text/plain",
-                        body: b"no request".to_vec(),
+                        body: e.to_string().into_bytes(),
                     };
+                }
+            };
+            let Ok(req): Result<AdmissionRequest<DynamicObject>, _> = review.try_into() else {
+                return Response {
+                    status: 400,
+                    content_type: "text/plain",
+                    body: b"no request".to_vec(),
                 };
-                let deny = req
-                    .object
-                    .as_ref()
-                    .and_then(|o| o.metadata.labels.as_ref())
-                    .and_then(|l| l.get("e2e.gantry.dev/deny"))
-                    .is_some_and(|v| v == "true");
-                let response = AdmissionResponse::from(&req);
-                let response = if deny {
-                    response.deny("denied by the gantry e2e webhook")
-                } else {
-                    response
-                };
-                Response::json(&response.into_review())
-            }
+            };
+            let deny = req
+                .object
+                .as_ref()
+                .and_then(|o| o.metadata.labels.as_ref())
+                .and_then(|l| l.get("e2e.gantry.dev/deny"))
+                .is_some_and(|v| v == "true");
+            let response = AdmissionResponse::from(&req);
+            let response = if deny {
+                response.deny("denied by the gantry e2e webhook")
+            } else {
+                response
+            };
+            Response::json(&response.into_review())
         })
         .await?
     };
@@ -424,9 +416,9 @@ async fn https_admission_webhook_on_the_host_is_called_by_the_api_server() -> Re
     result?;
     allowed.context("the webhook should allow an unlabelled ConfigMap")?;
     ensure!(
-        calls.load(Ordering::SeqCst) >= 2,
+        server.requests() >= 2,
         "the webhook saw {} calls",
-        calls.load(Ordering::SeqCst)
+        server.requests()
     );
     Ok(())
 }

@@ -1,8 +1,6 @@
 //! The scheduler extender hook: a cluster of its own whose kube-scheduler calls an HTTPS
 //! extender served by the test (as the GPU-sharing scheduler extender will be).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -19,33 +17,26 @@ use serde_json::json;
 async fn scheduler_consults_the_configured_extender() -> Result<()> {
     init_tracing();
     const CHOSEN: &str = "kwok-node-1";
-    let calls = Arc::new(AtomicUsize::new(0));
     let server = {
-        let calls = calls.clone();
         // Filter: only CHOSEN may take pods. With nodeCacheCapable the scheduler sends node
         // names only (ExtenderArgs.NodeNames) and reads ExtenderFilterResult.NodeNames back.
-        HttpsServer::start(move |request| {
-            let calls = calls.clone();
-            async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                let args: serde_json::Value =
-                    serde_json::from_slice(&request.body).unwrap_or_default();
-                let names: Vec<String> = args["NodeNames"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|n| n.as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let (keep, drop): (Vec<String>, Vec<String>) =
-                    names.into_iter().partition(|n| n == CHOSEN);
-                let failed: serde_json::Map<String, serde_json::Value> = drop
-                    .into_iter()
-                    .map(|n| (n, json!("filtered out by the e2e extender")))
-                    .collect();
-                Response::json(&json!({ "NodeNames": keep, "FailedNodes": failed, "Error": "" }))
-            }
+        HttpsServer::start(move |request| async move {
+            let args: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+            let names: Vec<String> = args["NodeNames"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|n| n.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let (keep, drop): (Vec<String>, Vec<String>) =
+                names.into_iter().partition(|n| n == CHOSEN);
+            let failed: serde_json::Map<String, serde_json::Value> = drop
+                .into_iter()
+                .map(|n| (n, json!("filtered out by the e2e extender")))
+                .collect();
+            Response::json(&json!({ "NodeNames": keep, "FailedNodes": failed, "Error": "" }))
         })
         .await?
     };
@@ -90,9 +81,9 @@ async fn scheduler_consults_the_configured_extender() -> Result<()> {
         );
     }
     ensure!(
-        calls.load(Ordering::SeqCst) >= 3,
+        server.requests() >= 3,
         "extender called {} times",
-        calls.load(Ordering::SeqCst)
+        server.requests()
     );
     Ok(())
 }

@@ -525,15 +525,25 @@ async fn managed_certificates_rotate_under_steady_load_without_a_failed_request(
         dry_run: true,
         ..PostParams::default()
     };
+    // The API server takes up a new configuration in its own time: the load starts once it
+    // sends reviews to both replicas, trusting their certificates (a denial proves it).
     poll::until(
-        "the first bundle to reach the API server",
+        "both webhooks in use with a trusted certificate",
         TIMEOUT,
         || async {
-            Ok(maps
-                .create(&dry_run, &labelled("first", false)?)
-                .await
-                .ok()
-                .map(|_| ()))
+            let denied = matches!(
+                maps.create(&dry_run, &labelled("first", true)?).await,
+                Err(kube::Error::Api(status)) if status.message.contains("denied by gantry-noop")
+            );
+            let mut reviewed = true;
+            for replica in operator.replicas() {
+                reviewed &= replica
+                    .metric("gantry_admission_reviews_total")
+                    .await
+                    .unwrap_or(0.0)
+                    >= 1.0;
+            }
+            Ok((denied && reviewed).then_some(()))
         },
     )
     .await?;

@@ -71,6 +71,22 @@ impl Gray {
         Ok(())
     }
 
+    /// Creates the app and waits until every instance is Ready, the start of most stories.
+    async fn create_ready(
+        &self,
+        name: &str,
+        replicas: i32,
+        image: &str,
+        update: Value,
+    ) -> Result<()> {
+        self.create(name, replicas, image, update).await?;
+        self.wait_status(name, &format!("{replicas} Ready"), |s| {
+            ready_count(s) == i64::from(replicas)
+        })
+        .await?;
+        Ok(())
+    }
+
     fn dynamic(&self) -> Api<kube::api::DynamicObject> {
         self.apps.clone()
     }
@@ -318,9 +334,7 @@ async fn ocr_story_upgrades_chosen_instances_in_place_batch_by_batch() -> Result
 #[tokio::test]
 async fn several_versions_run_side_by_side_at_rest() -> Result<()> {
     let gray = Gray::start("gray-mixed").await?;
-    gray.create("web", 8, "web:v7", json!({"maxUnavailable": 2}))
-        .await?;
-    gray.wait_status("web", "8 Ready", |s| ready_count(s) == 8)
+    gray.create_ready("web", 8, "web:v7", json!({"maxUnavailable": 2}))
         .await?;
     gray.patch(
         "web",
@@ -357,15 +371,13 @@ async fn several_versions_run_side_by_side_at_rest() -> Result<()> {
 #[tokio::test]
 async fn abort_mid_batch_returns_every_moved_instance() -> Result<()> {
     let gray = Gray::start("gray-abort").await?;
-    gray.create(
+    gray.create_ready(
         "api",
         6,
         "api:v1",
         json!({"maxUnavailable": 1, "gracePeriodSeconds": 4, "batches": [{}]}),
     )
     .await?;
-    gray.wait_status("api", "6 Ready", |s| ready_count(s) == 6)
-        .await?;
     gray.patch("api", image_patch("api", "api:v2")).await?;
     gray.wait_status("api", "one instance moved", |s| {
         s["updatedReplicas"].as_i64().unwrap_or(0) >= 1
@@ -397,15 +409,13 @@ async fn abort_mid_batch_returns_every_moved_instance() -> Result<()> {
 #[tokio::test]
 async fn reverting_the_template_while_an_instance_is_mid_update_converges() -> Result<()> {
     let gray = Gray::start("gray-revert").await?;
-    gray.create(
+    gray.create_ready(
         "svc",
         4,
         "svc:v1",
         json!({"maxUnavailable": 1, "gracePeriodSeconds": 5}),
     )
     .await?;
-    gray.wait_status("svc", "4 Ready", |s| ready_count(s) == 4)
-        .await?;
     gray.patch("svc", image_patch("svc", "svc:v2")).await?;
     // The first instance is out of service, waiting out its grace period: revert now.
     poll::until("an instance out of service", TIMEOUT, || async {
@@ -441,9 +451,7 @@ async fn a_failed_batch_is_rolled_back_in_place() -> Result<()> {
     let gray = Gray::start("gray-fail").await?;
     let update = json!({"maxUnavailable": 2, "promotion": "Auto", "batches": [{"instances": [1, 2]}, {}],
         "health": {"progressDeadlineSeconds": 8}});
-    gray.create("pay", 5, "pay:v1", update).await?;
-    gray.wait_status("pay", "5 Ready", |s| ready_count(s) == 5)
-        .await?;
+    gray.create_ready("pay", 5, "pay:v1", update).await?;
     let before = identities(&gray.pods("pay").await?);
     gray.patch("pay", image_patch("pay", "pay:v2-never-ready"))
         .await?;
@@ -477,15 +485,13 @@ async fn a_tag_moved_to_the_same_digest_still_completes() -> Result<()> {
     // but the container is restarted. Completion must not wait for a new imageID.
     let digest = "sha256:4a1f0c57d6b9e3f2a8c7d6e5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281";
     let gray = Gray::start("gray-digest").await?;
-    gray.create(
+    gray.create_ready(
         "tag",
         3,
         &format!("tag:v1@{digest}"),
         json!({"maxUnavailable": 1}),
     )
     .await?;
-    gray.wait_status("tag", "3 Ready", |s| ready_count(s) == 3)
-        .await?;
     let image_id = |p: &Pod| {
         p.status
             .as_ref()
@@ -623,9 +629,7 @@ async fn instances_keep_their_volume_claims_through_upgrades_and_scale_down() ->
 #[tokio::test]
 async fn a_change_that_cannot_happen_in_place_recreates_under_the_same_name() -> Result<()> {
     let gray = Gray::start("gray-recreate").await?;
-    gray.create("job", 3, "job:v1", json!({"maxUnavailable": 1}))
-        .await?;
-    gray.wait_status("job", "3 Ready", |s| ready_count(s) == 3)
+    gray.create_ready("job", 3, "job:v1", json!({"maxUnavailable": 1}))
         .await?;
     let before = identities(&gray.pods("job").await?);
     gray.patch(
@@ -653,9 +657,7 @@ async fn a_change_that_cannot_happen_in_place_recreates_under_the_same_name() ->
 #[tokio::test]
 async fn operator_killed_mid_batch_resumes_without_upgrading_anyone_twice() -> Result<()> {
     let mut gray = Gray::start("gray-kill").await?;
-    gray.create("db", 6, "db:v1", json!({"maxUnavailable": 2, "gracePeriodSeconds": 2, "promotion": "Auto", "batches": [{"count": 3}, {}]})).await?;
-    gray.wait_status("db", "6 Ready", |s| ready_count(s) == 6)
-        .await?;
+    gray.create_ready("db", 6, "db:v1", json!({"maxUnavailable": 2, "gracePeriodSeconds": 2, "promotion": "Auto", "batches": [{"count": 3}, {}]})).await?;
     gray.patch("db", image_patch("db", "db:v2")).await?;
     gray.wait_status("db", "the first batch under way", |s| {
         s["rollout"]["members"]
@@ -682,9 +684,7 @@ async fn operator_killed_mid_batch_resumes_without_upgrading_anyone_twice() -> R
 async fn two_replicas_only_the_leader_acts() -> Result<()> {
     let mut gray = Gray::start("gray-ha").await?;
     gray.operator.spawn("b", &[])?;
-    gray.create("ha", 3, "ha:v1", json!({"maxUnavailable": 1}))
-        .await?;
-    gray.wait_status("ha", "3 Ready", |s| ready_count(s) == 3)
+    gray.create_ready("ha", 3, "ha:v1", json!({"maxUnavailable": 1}))
         .await?;
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = gray.env.api();
     let holder = leases
@@ -711,9 +711,7 @@ async fn two_replicas_only_the_leader_acts() -> Result<()> {
 #[tokio::test]
 async fn a_bad_plan_is_rejected_at_admission_and_harms_nothing() -> Result<()> {
     let gray = Gray::start("gray-reject").await?;
-    gray.create("ok", 3, "ok:v1", json!({"maxUnavailable": 1}))
-        .await?;
-    gray.wait_status("ok", "3 Ready", |s| ready_count(s) == 3)
+    gray.create_ready("ok", 3, "ok:v1", json!({"maxUnavailable": 1}))
         .await?;
     let before = identities(&gray.pods("ok").await?);
     let bad = json!({"spec": {"template": template("ok", "ok:v2", None), "update": {"maxUnavailable": 0, "batches": [{"instances": [1, 9]}]}}});

@@ -139,6 +139,8 @@ enum Outcome {
     NotLeading,
     /// The write raced with another; the next poll tells who won.
     Unconfirmed,
+    /// No answer within the time allowed; whether a write took effect is unknown.
+    TimedOut,
 }
 
 /// Runs the election for one replica.
@@ -166,11 +168,13 @@ impl LeaderElector {
         let mut leading = false;
         let mut last_renewed = Instant::now();
         loop {
-            let outcome = self.try_once().await;
+            let started = Instant::now();
+            let outcome = self.attempt(leading, last_renewed, started).await;
             let now = Instant::now();
             match outcome {
                 Ok(Outcome::Leading) => {
-                    last_renewed = now;
+                    // The lease counts from when the write was sent, not when it was answered.
+                    last_renewed = started;
                     if !leading {
                         leading = true;
                         term += 1;
@@ -185,6 +189,9 @@ impl LeaderElector {
                 Ok(Outcome::NotLeading) => {}
                 Ok(Outcome::Unconfirmed) => {
                     tracing::debug!(lease = %self.config.name, "lease write raced with another replica");
+                }
+                Ok(Outcome::TimedOut) => {
+                    tracing::warn!(lease = %self.config.name, "the API server did not answer the lease request in time");
                 }
                 Err(err) => {
                     tracing::warn!(lease = %self.config.name, error = %err, "could not read or renew the lease");
@@ -216,6 +223,27 @@ impl LeaderElector {
             term,
         });
         tracing::error!(lease = %self.config.name, identity = %self.config.identity, term, leadership = "ended", reason, "lost leadership; stopped leader-only work");
+    }
+
+    /// One read-decide-write round, bounded in time: a leader's by what is left of its renew
+    /// deadline (a hung request must not keep it leading past the point where a standby may
+    /// take the lease), a standby's by the whole deadline.
+    async fn attempt(
+        &mut self,
+        leading: bool,
+        last_renewed: Instant,
+        started: Instant,
+    ) -> Result<Outcome, kube::Error> {
+        let budget = if leading {
+            self.config
+                .renew_deadline
+                .saturating_sub(started.saturating_duration_since(last_renewed))
+        } else {
+            self.config.renew_deadline
+        };
+        tokio::time::timeout(budget, self.try_once())
+            .await
+            .unwrap_or(Ok(Outcome::TimedOut))
     }
 
     async fn try_once(&mut self) -> Result<Outcome, kube::Error> {
@@ -287,7 +315,7 @@ impl LeaderElector {
     /// Gives the lease up so a standby can take it at its next poll. Best effort: if this
     /// fails, the lease simply expires.
     async fn release(&self) {
-        let result = async {
+        let result = tokio::time::timeout(self.config.renew_deadline, async {
             let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
                 return Ok(());
             };
@@ -302,12 +330,15 @@ impl LeaderElector {
                 .replace(&self.config.name, &PostParams::default(), &lease)
                 .await
                 .map(|_| ())
-        }
+        })
         .await;
         match result {
-            Ok(()) => tracing::info!(lease = %self.config.name, "released leadership"),
-            Err(err) => {
+            Ok(Ok(())) => tracing::info!(lease = %self.config.name, "released leadership"),
+            Ok(Err(err)) => {
                 tracing::warn!(lease = %self.config.name, error = %err, "could not release the lease; it will expire")
+            }
+            Err(_) => {
+                tracing::warn!(lease = %self.config.name, "the API server did not answer the release in time; the lease will expire")
             }
         }
     }
@@ -326,5 +357,96 @@ fn record_of(lease: &Lease) -> LeaseRecord {
             u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15),
         ),
         transitions: spec.lease_transitions.unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An API server that answers the first read (no Lease yet) and the create, then never
+    /// answers again: a hung connection.
+    fn answers_twice_then_hangs() -> kube::Client {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let service = tower::service_fn(move |_: http::Request<kube::client::Body>| {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let (status, body) = match call {
+                    0 => (
+                        404,
+                        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+                    ),
+                    1 => (
+                        201,
+                        serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "l", "namespace": "ns"}}),
+                    ),
+                    _ => std::future::pending().await,
+                };
+                let body = kube::client::Body::from(serde_json::to_vec(&body).expect("encodes"));
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .expect("a response"),
+                )
+            }
+        });
+        kube::Client::new(service, "ns")
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_renewal_hangs_steps_down_by_its_renew_deadline() {
+        let config = LeaseConfig {
+            duration: Duration::from_secs(3),
+            renew_deadline: Duration::from_millis(600),
+            retry_period: Duration::from_millis(100),
+            ..LeaseConfig::new("l".into(), "ns".into(), "me".into())
+        };
+        let (standing, mut seen) = watch::channel(Standing {
+            leading: false,
+            term: 0,
+        });
+        let release = CancellationToken::new();
+        let elector = tokio::spawn(
+            LeaderElector::new(answers_twice_then_hangs(), config).run(standing, release.clone()),
+        );
+        let mut states = Vec::new();
+        let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if seen.changed().await.is_err() {
+                    return;
+                }
+                let now = *seen.borrow_and_update();
+                states.push(now);
+                if !now.leading {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(outcome.is_ok(), "still leading after 30 s: {states:?}");
+        assert_eq!(
+            states,
+            [
+                Standing {
+                    leading: true,
+                    term: 1
+                },
+                Standing {
+                    leading: false,
+                    term: 1
+                }
+            ]
+        );
+        release.cancel();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(30), elector)
+                .await
+                .is_ok(),
+            "a release with the API server hung ends too"
+        );
     }
 }

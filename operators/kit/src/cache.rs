@@ -64,29 +64,21 @@ impl Change {
             deleted,
         }
     }
-
-    /// The change of one watch event, if it is about one object.
-    pub fn of_event<K: Resource>(event: &Event<K>) -> Option<Self> {
-        match event {
-            Event::Apply(object) | Event::InitApply(object) => Some(Self::of(object, false)),
-            Event::Delete(object) => Some(Self::of(object, true)),
-            Event::Init | Event::InitDone => None,
-        }
-    }
 }
 
 /// What a subscriber to [`Changes`] sees.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Seen {
     Changed(Change),
-    /// The subscriber fell behind and missed changes: anything may have changed.
+    /// Anything may have changed: the subscriber fell behind, or the cache was replaced by a
+    /// fresh list (after a watch gap, whose changes and deletions no event tells of).
     Missed,
 }
 
 /// The changes one cache sees, for anyone subscribed at the time. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Changes {
-    sender: broadcast::Sender<Change>,
+    sender: broadcast::Sender<Seen>,
 }
 
 impl Default for Changes {
@@ -100,14 +92,31 @@ impl Default for Changes {
 impl Changes {
     /// Tells every subscriber; nobody subscribed is not an error.
     pub fn send(&self, change: Change) {
-        let _ = self.sender.send(change);
+        let _ = self.sender.send(Seen::Changed(change));
+    }
+
+    /// Tells every subscriber that the cache now holds a fresh list.
+    pub fn relisted(&self) {
+        let _ = self.sender.send(Seen::Missed);
+    }
+
+    /// Announces what one watch event changed, once the cache has applied it. A list's
+    /// objects are not announced one by one: they only take the cache's place at its end,
+    /// and the end is announced as a relist.
+    pub fn announce<K: Resource>(&self, event: &Event<K>) {
+        match event {
+            Event::Apply(object) => self.send(Change::of(object, false)),
+            Event::Delete(object) => self.send(Change::of(object, true)),
+            Event::InitDone => self.relisted(),
+            Event::Init | Event::InitApply(_) => {}
+        }
     }
 
     /// The changes from now on; ends when the cache is gone.
     pub fn subscribe(&self) -> impl Stream<Item = Seen> + Send + 'static {
         futures::stream::unfold(self.sender.subscribe(), |mut receiver| async move {
             let seen = match receiver.recv().await {
-                Ok(change) => Seen::Changed(change),
+                Ok(seen) => seen,
                 Err(RecvError::Lagged(_)) => Seen::Missed,
                 Err(RecvError::Closed) => return None,
             };
@@ -205,15 +214,15 @@ impl<K> Feed<K>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    /// Applies one watch event: the store first, then the change is announced.
+    /// Applies one watch event: the store first, then whether it is synced, then the change
+    /// is announced. In that order, a controller that subscribes and then finds the cache not
+    /// synced is sure to hear of the list's end.
     pub fn apply(&mut self, event: &Event<K>) {
         self.writer.apply_watcher_event(event);
-        if let Some(change) = Change::of_event(event) {
-            self.changes.send(change);
-        }
         if matches!(event, Event::InitDone) {
             self.synced.send_replace(true);
         }
+        self.changes.announce(event);
     }
 }
 
@@ -306,6 +315,7 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::Pod;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+    use kube::ResourceExt;
 
     fn pod(name: &str, owner: Option<&str>) -> Pod {
         Pod {
@@ -349,8 +359,44 @@ mod tests {
             })
         );
         assert_eq!(Change::of(&pod("lone", None), true).controller, None);
-        assert!(Change::of_event(&Event::<Pod>::InitDone).is_none());
-        assert!(Change::of_event(&Event::Delete(pod("x", None))).is_some_and(|c| c.deleted));
+    }
+
+    /// A relist's objects take the store's place only at its end: a subscriber told of them
+    /// one by one would look them up too early, and would never hear of those that vanished
+    /// during the watch gap. It hears once, at the end, that anything may have changed.
+    #[tokio::test]
+    async fn a_relist_is_announced_once_at_its_end_when_the_store_holds_it() {
+        let (cache, mut feed) = Cache::<Pod>::new();
+        for event in [
+            Event::Init,
+            Event::InitApply(pod("stays", None)),
+            Event::InitApply(pod("vanishes", None)),
+            Event::InitDone,
+        ] {
+            feed.apply(&event);
+        }
+        let mut seen = Box::pin(cache.changes().subscribe());
+        feed.apply(&Event::Init);
+        feed.apply(&Event::InitApply(pod("stays", None)));
+        feed.apply(&Event::InitApply(pod("new", None)));
+        let names = |cache: &Cache<Pod>| {
+            let mut names: Vec<String> = cache.state().iter().map(|p| p.name_any()).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            names(&cache),
+            ["stays", "vanishes"],
+            "the old list until the end"
+        );
+        feed.apply(&Event::InitDone);
+        assert_eq!(names(&cache), ["new", "stays"]);
+        feed.apply(&Event::Delete(pod("stays", None)));
+        assert_eq!(seen.next().await, Some(Seen::Missed), "the relist, once");
+        match seen.next().await {
+            Some(Seen::Changed(change)) => assert!(change.name == "stays" && change.deleted),
+            other => panic!("expected the deletion after the relist, got {other:?}"),
+        }
     }
 
     #[tokio::test]

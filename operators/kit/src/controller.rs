@@ -32,14 +32,13 @@
 //! is expected to have reported `Stalled` with the reason, and the object is reconciled again
 //! when it changes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject};
@@ -95,8 +94,6 @@ impl<E: ReconcileError> Failure<E> {
     }
 }
 
-type Guarded<K> = Decoded<K>;
-
 /// A kind a controller can control: a typed resource that decodes from the API and can be
 /// shared between tasks.
 pub trait Kind:
@@ -114,7 +111,7 @@ impl<K> Kind for K where
         + 'static
 {
 }
-type Trigger<K> = Box<dyn Fn(&Change) -> Option<ObjectRef<Guarded<K>>> + Send + Sync>;
+type Trigger<K> = Box<dyn Fn(&Change) -> Option<ObjectRef<Decoded<K>>> + Send + Sync>;
 
 /// A controller of kind `K` being put together; see the module docs.
 pub struct ControllerBuilder<K>
@@ -123,7 +120,7 @@ where
 {
     runtime: Runtime,
     name: &'static str,
-    objects: Cache<Guarded<K>>,
+    objects: Cache<Decoded<K>>,
     triggers: Vec<(Changes, Trigger<K>)>,
     pacing: Duration,
 }
@@ -136,7 +133,7 @@ impl Runtime {
         K: Kind,
         K::Scope: ApiScope,
     {
-        let objects = self.cache(name, self.api::<Guarded<K>>(), config);
+        let objects = self.cache(name, self.api::<Decoded<K>>(), config);
         ControllerBuilder {
             runtime: self.clone(),
             name,
@@ -165,7 +162,7 @@ impl<K: Kind> ControllerBuilder<K> {
     pub fn watches(
         mut self,
         changes: &Changes,
-        map: impl Fn(&Change) -> Option<ObjectRef<Guarded<K>>> + Send + Sync + 'static,
+        map: impl Fn(&Change) -> Option<ObjectRef<Decoded<K>>> + Send + Sync + 'static,
     ) -> Self {
         self.triggers.push((changes.clone(), Box::new(map)));
         self
@@ -180,7 +177,7 @@ impl<K: Kind> ControllerBuilder<K> {
     }
 
     /// The controlled objects, as the cache holds them.
-    pub fn cache(&self) -> &Cache<Guarded<K>> {
+    pub fn cache(&self) -> &Cache<Decoded<K>> {
         &self.objects
     }
 
@@ -208,7 +205,7 @@ impl<K: Kind> ControllerBuilder<K> {
         self.runtime
             .while_leading(name, || {
                 let controller = Controller::for_shared_stream(
-                    stream::pending::<Arc<Guarded<K>>>(),
+                    stream::pending::<Arc<Decoded<K>>>(),
                     objects.store().clone(),
                 )
                 .reconcile_on(term_triggers(&objects, &triggers, &shared))
@@ -236,7 +233,7 @@ impl<K: Kind> ControllerBuilder<K> {
     }
 }
 
-fn reference<K>(name: &str, namespace: Option<&str>) -> ObjectRef<Guarded<K>>
+fn reference<K>(name: &str, namespace: Option<&str>) -> ObjectRef<Decoded<K>>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
@@ -249,33 +246,31 @@ where
 
 /// What one term of leadership reconciles: every object once the cache is synced, then each
 /// object that changed or whose children changed, and every object again whenever a
-/// subscription fell behind and so may have missed something.
+/// subscription fell behind or a cache was relisted, and so may have missed something.
 fn term_triggers<K, Ctx, F>(
-    objects: &Cache<Guarded<K>>,
+    objects: &Cache<Decoded<K>>,
     triggers: &Arc<Vec<(Changes, Trigger<K>)>>,
     shared: &Arc<Shared<Ctx, F>>,
-) -> BoxStream<'static, ObjectRef<Guarded<K>>>
+) -> BoxStream<'static, ObjectRef<Decoded<K>>>
 where
     K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
     Ctx: Send + Sync + 'static,
     F: Send + Sync + 'static,
 {
     let store = objects.store().clone();
-    let everything = move || -> BoxStream<'static, ObjectRef<Guarded<K>>> {
+    let prune = Arc::clone(shared);
+    // Every object again, and nothing remembered of those gone: a deletion during a watch gap
+    // or while this replica stood by sent no event to forget them by.
+    let everything = move || -> BoxStream<'static, ObjectRef<Decoded<K>>> {
+        let objects = store.state();
+        let present: HashSet<String> = objects.iter().map(|o| object_key(o.as_ref())).collect();
+        prune.memory().keep_only(&present);
         stream::iter(
-            store
-                .state()
+            objects
                 .into_iter()
                 .map(|object| ObjectRef::from_obj(object.as_ref())),
         )
         .boxed()
-    };
-    let synced = objects.synced().clone();
-    let first = {
-        let everything = everything.clone();
-        stream::once(async move { synced.wait().await })
-            .flat_map(move |()| everything())
-            .boxed()
     };
     let own = {
         let forget = Arc::clone(shared);
@@ -294,6 +289,13 @@ where
                 Seen::Missed => everything(),
             })
             .boxed()
+    };
+    // Subscribed first: a cache that completes its list after this check announces it (and
+    // so every object) to the subscription; one complete already is reconciled whole now.
+    let first = if objects.synced().is_synced() {
+        everything()
+    } else {
+        stream::empty().boxed()
     };
     let mut all = vec![first, own];
     for index in 0..triggers.len() {
@@ -338,6 +340,13 @@ struct Memory {
     undecodable: HashMap<String, Option<i64>>,
 }
 
+impl Memory {
+    fn keep_only(&mut self, present: &HashSet<String>) {
+        self.failures.retain(|key, _| present.contains(key));
+        self.undecodable.retain(|key, _| present.contains(key));
+    }
+}
+
 impl<Ctx, F> Shared<Ctx, F> {
     fn memory(&self) -> MutexGuard<'_, Memory> {
         self.memory.lock().unwrap_or_else(PoisonError::into_inner)
@@ -351,7 +360,7 @@ impl<Ctx, F> Shared<Ctx, F> {
 }
 
 fn reconcile_instrumented<K, Ctx, F, Fut, E>(
-    obj: Arc<Guarded<K>>,
+    obj: Arc<Decoded<K>>,
     shared: Arc<Shared<Ctx, F>>,
 ) -> impl Future<Output = Result<Action, Failure<E>>> + Send + 'static
 where
@@ -367,12 +376,14 @@ where
     async move {
         let started = Instant::now();
         let result = match decoded {
-            Ok(object) => (shared.reconcile)(object, Arc::clone(&shared.ctx))
-                .await
-                .map_err(Failure::Reconcile),
+            Ok(object) => {
+                shared.memory().undecodable.remove(&key);
+                (shared.reconcile)(object, Arc::clone(&shared.ctx))
+                    .await
+                    .map_err(Failure::Reconcile)
+            }
             Err(invalid) => {
-                report_undecodable::<K, _, _>(&shared, &key, &invalid.metadata, &invalid.error)
-                    .await;
+                report_undecodable::<K, _, _>(&shared, &key, &obj, &invalid.error).await;
                 Err(Failure::Undecodable(invalid.error))
             }
         };
@@ -406,26 +417,19 @@ where
 async fn report_undecodable<K, Ctx, F>(
     shared: &Shared<Ctx, F>,
     key: &str,
-    meta: &ObjectMeta,
+    obj: &Decoded<K>,
     error: &str,
 ) where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
+    let meta = obj.meta();
     let generation = meta.generation;
     if shared.memory().undecodable.get(key) == Some(&generation) {
         return;
     }
     let kind = K::kind(&());
     tracing::warn!(controller = shared.name, object = %key, %error, "cannot read the object; skipping it until it changes");
-    let regarding = ObjectReference {
-        api_version: Some(K::api_version(&()).to_string()),
-        kind: Some(kind.to_string()),
-        name: meta.name.clone(),
-        namespace: meta.namespace.clone(),
-        uid: meta.uid.clone(),
-        resource_version: meta.resource_version.clone(),
-        ..ObjectReference::default()
-    };
+    let regarding = obj.object_ref(&());
     let message = format!(
         "this {kind} cannot be read: {error}. It is skipped until it is fixed; the others are \
          reconciled as usual."
@@ -485,7 +489,7 @@ where
 }
 
 fn error_policy<K, Ctx, F, E>(
-    obj: Arc<Guarded<K>>,
+    obj: Arc<Decoded<K>>,
     err: &Failure<E>,
     shared: Arc<Shared<Ctx, F>>,
 ) -> Action
@@ -524,7 +528,7 @@ mod tests {
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::runtime::watcher::Event;
 
-    fn guarded(name: &str) -> Guarded<ConfigMap> {
+    fn guarded(name: &str) -> Decoded<ConfigMap> {
         Decoded(Ok(ConfigMap {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -550,7 +554,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_deleted_object_is_forgotten_and_the_others_are_reconciled() {
-        let (objects, mut feed) = Cache::<Guarded<ConfigMap>>::new();
+        let (objects, mut feed) = Cache::<Decoded<ConfigMap>>::new();
         let shared = shared(Memory {
             failures: HashMap::from([("ns/a".into(), 3), ("ns/b".into(), 1)]),
             undecodable: HashMap::from([("ns/a".into(), Some(1))]),
@@ -581,7 +585,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_term_begins_with_every_object_once_the_cache_is_synced() {
-        let (objects, mut feed) = Cache::<Guarded<ConfigMap>>::new();
+        let (objects, mut feed) = Cache::<Decoded<ConfigMap>>::new();
         let shared = shared(Memory::default());
         feed.apply(&Event::Init);
         feed.apply(&Event::InitApply(guarded("x")));
@@ -597,5 +601,54 @@ mod tests {
         }
         names.sort();
         assert_eq!(names, ["x", "y"]);
+        feed.apply(&Event::Apply(guarded("z")));
+        let next = tokio::time::timeout(Duration::from_secs(5), triggers.next())
+            .await
+            .expect("a trigger");
+        assert_eq!(
+            next.map(|r| r.name).as_deref(),
+            Some("z"),
+            "each object once"
+        );
+
+        // The next term begins with the cache synced: every object at once.
+        let mut next_term = term_triggers(&objects, &Arc::new(Vec::new()), &shared);
+        let mut names = Vec::new();
+        for _ in 0..3 {
+            let next = tokio::time::timeout(Duration::from_secs(5), next_term.next())
+                .await
+                .expect("a trigger");
+            names.extend(next.map(|r| r.name));
+        }
+        names.sort();
+        assert_eq!(names, ["x", "y", "z"]);
+    }
+
+    #[tokio::test]
+    async fn a_relist_reconciles_everything_and_forgets_what_vanished_during_the_gap() {
+        let (objects, mut feed) = Cache::<Decoded<ConfigMap>>::new();
+        for event in [Event::Init, Event::InitApply(guarded("a")), Event::InitDone] {
+            feed.apply(&event);
+        }
+        let shared = shared(Memory {
+            failures: HashMap::from([("ns/a".into(), 2)]),
+            undecodable: HashMap::from([("ns/a".into(), Some(1))]),
+        });
+        let mut triggers = term_triggers(&objects, &Arc::new(Vec::new()), &shared);
+        assert_eq!(
+            triggers.next().await.map(|r| r.name).as_deref(),
+            Some("a"),
+            "the term's first pass"
+        );
+        // The watch was lost; meanwhile `a` was deleted and `b` created.
+        for event in [Event::Init, Event::InitApply(guarded("b")), Event::InitDone] {
+            feed.apply(&event);
+        }
+        let next = tokio::time::timeout(Duration::from_secs(5), triggers.next())
+            .await
+            .expect("a trigger");
+        assert_eq!(next.map(|r| r.name).as_deref(), Some("b"));
+        let memory = shared.memory();
+        assert!(memory.failures.is_empty() && memory.undecodable.is_empty());
     }
 }

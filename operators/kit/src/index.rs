@@ -23,7 +23,7 @@ use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
-use crate::cache::{Change, Changes, Synced};
+use crate::cache::{Changes, Synced};
 use crate::runtime::Runtime;
 
 /// Objects' projections by key and object. Cheap to clone; every clone sees the same cache.
@@ -231,9 +231,7 @@ impl<V> Index<V> {
             }
             Event::Delete(object) => self.write().live.remove(&object_key(object)),
         }
-        if let Some(change) = Change::of_event(event) {
-            self.shared.changes.send(change);
-        }
+        self.shared.changes.announce(event);
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State<V>> {
@@ -515,6 +513,23 @@ mod tests {
         };
         assert_eq!(change.name, "p");
         assert_eq!(index.get("n1").len(), 1, "filed before it was announced");
+    }
+
+    #[tokio::test]
+    async fn a_relist_is_announced_once_when_the_index_holds_it() {
+        use crate::cache::Seen;
+        use futures::StreamExt as _;
+        let index: Index<String> = Index::default();
+        let mut changes = Box::pin(index.changes().subscribe());
+        place(&index, &Event::Init);
+        place(&index, &Event::InitApply(pod_on("p", Some("n1"))));
+        place(&index, &Event::InitDone);
+        place(&index, &Event::Delete(pod_on("p", Some("n1"))));
+        assert_eq!(changes.next().await, Some(Seen::Missed));
+        let Some(Seen::Changed(change)) = changes.next().await else {
+            panic!("expected the deletion next, not the listed object");
+        };
+        assert!(change.name == "p" && change.deleted);
     }
 
     #[test]

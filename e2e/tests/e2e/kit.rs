@@ -991,9 +991,22 @@ async fn one_process_works_with_two_clusters_from_a_kubeconfig_secret() -> Resul
     .await?;
     ensure!(clusters.get("garbage").is_none());
 
+    // Relabelled, the Secret provides the cluster under its new name only.
+    secrets
+        .patch(
+            "remote",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {clusters::CLUSTER_LABEL: "renamed"}}})),
+        )
+        .await?;
+    poll::until("the cluster under its new name only", TIMEOUT, || async {
+        Ok((clusters.get("remote").is_none() && clusters.get("renamed").is_some()).then_some(()))
+    })
+    .await?;
+
     secrets.delete("remote", &DeleteParams::default()).await?;
     poll::until("the remote cluster to be forgotten", TIMEOUT, || async {
-        Ok(clusters.get("remote").is_none().then_some(()))
+        Ok(clusters.get("renamed").is_none().then_some(()))
     })
     .await?;
     ensure!(clusters.remote_names().is_empty());

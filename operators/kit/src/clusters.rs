@@ -20,7 +20,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::events::Events;
 use crate::metrics::ClusterMetrics;
@@ -188,7 +188,8 @@ struct Known {
     /// (namespace, name) of the Secret.
     secret: (String, String),
     fingerprint: u64,
-    probe: CancellationToken,
+    /// Stops the health probe when the entry goes.
+    _probe: DropGuard,
 }
 
 struct Remotes {
@@ -226,30 +227,21 @@ impl Remotes {
             Event::Apply(secret) => {
                 self.upsert(&secret).await;
             }
-            Event::Delete(secret) => {
-                let key = secret_key(&secret);
-                let names: Vec<String> = self
-                    .known
-                    .iter()
-                    .filter(|(_, k)| k.secret == key)
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for name in names {
-                    self.remove(&name);
-                }
-            }
+            Event::Delete(secret) => self.forget_secret(&secret_key(&secret), None),
         }
     }
 
     /// Adds or replaces the cluster the Secret describes; returns its name when it is usable.
     async fn upsert(&mut self, secret: &Secret) -> Option<String> {
         let key = secret_key(secret);
-        let Some(name) = secret
+        let name = secret
             .labels()
             .get(CLUSTER_LABEL)
             .cloned()
-            .filter(|n| !n.is_empty() && n != HOME)
-        else {
+            .filter(|n| !n.is_empty() && n != HOME);
+        // A Secret relabelled (or whose label went bad) no longer provides what it named.
+        self.forget_secret(&key, name.as_deref());
+        let Some(name) = name else {
             self.report(
                 secret,
                 format!(
@@ -304,16 +296,15 @@ impl Remotes {
             client,
             health,
         };
-        if let Some(old) = self.known.insert(
+        // Replacing or dropping the entry (at shutdown too) stops the old probe.
+        self.known.insert(
             name.clone(),
             Known {
                 secret: key,
                 fingerprint,
-                probe,
+                _probe: probe.drop_guard(),
             },
-        ) {
-            old.probe.cancel();
-        }
+        );
         self.sender.send_modify(|remotes| {
             remotes.insert(name.clone(), cluster);
         });
@@ -329,9 +320,21 @@ impl Remotes {
         Some(name)
     }
 
+    /// Removes the clusters the Secret `key` provided, but for `keep`.
+    fn forget_secret(&mut self, key: &(String, String), keep: Option<&str>) {
+        let names: Vec<String> = self
+            .known
+            .iter()
+            .filter(|(name, known)| &known.secret == key && Some(name.as_str()) != keep)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            self.remove(&name);
+        }
+    }
+
     fn remove(&mut self, name: &str) {
-        if let Some(known) = self.known.remove(name) {
-            known.probe.cancel();
+        if self.known.remove(name).is_some() {
             self.settings.metrics.forget(name);
             self.sender.send_modify(|remotes| {
                 remotes.remove(name);

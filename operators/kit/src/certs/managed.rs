@@ -32,10 +32,12 @@ use serde_json::json;
 
 use super::der::{self, Validity};
 use super::rotation::{self, Observed, Policy, Step};
-use super::{CertError, Certificates, load_pem};
+use super::{CertError, Certificates};
 use crate::cache::Cache;
 use crate::runtime::Runtime;
 
+/// How long a rotation that cannot progress waits before it looks again (at most).
+const STALLED_RETRY: Duration = Duration::from_secs(30);
 const TLS_CRT: &str = "tls.crt";
 const TLS_KEY: &str = "tls.key";
 const BUNDLE: &str = "ca.crt";
@@ -128,17 +130,8 @@ async fn serve_from(
         if let Some(pair) = pair
             && served.as_ref() != Some(&pair)
         {
-            match load_pem(&pair.0.0, &pair.1.0) {
-                Ok(loaded) => {
-                    tracing::info!(service = certificates.name(), secret = %settings.secret, not_after = %loaded.validity.not_after, "serving the certificate from the Secret");
-                    certificates.set(loaded);
-                    runtime.metrics().tls.reloaded(certificates.name(), true);
-                }
-                Err(err) => {
-                    tracing::warn!(service = certificates.name(), secret = %settings.secret, error = %err, "the Secret's certificate does not load; keeping the one served so far");
-                    runtime.metrics().tls.reloaded(certificates.name(), false);
-                }
-            }
+            let source = format!("Secret {}", settings.secret);
+            certificates.load(&pair.0.0, &pair.1.0, &source, &runtime.metrics().tls);
             served = Some(pair);
         }
         tokio::select! {
@@ -496,6 +489,7 @@ impl Leader {
         let secrets: Api<Secret> =
             Api::namespaced(self.runtime.client().clone(), &self.settings.namespace);
         let mut secret = secrets.get_opt(&self.settings.secret).await?;
+        let mut taken: Vec<&'static str> = Vec::new();
         loop {
             let held = Held::read(secret.as_ref());
             let bundle = held.bundle_pem();
@@ -512,6 +506,15 @@ impl Leader {
             }
             if let Step::Wait { at } = step {
                 return Ok(at);
+            }
+            let label = step_label(step);
+            if taken.contains(&label) {
+                // What the step made is already due again (a certificate capped by a CA about
+                // to expire, whose successor waits on a webhook configuration): stepping on at
+                // once would only rewrite the Secret in a tight loop.
+                tracing::warn!(secret = %self.settings.secret, step = label, "certificate rotation cannot progress; is every webhook configuration present?");
+                let retry = STALLED_RETRY.min(self.settings.policy.leaf_validity / 4);
+                return Ok(now + SignedDuration::try_from(retry).unwrap_or(SignedDuration::ZERO));
             }
             let next = apply_step(step, &held, &self.settings, now)?;
             let rv = secret.as_ref().and_then(|s| s.resource_version());
@@ -535,7 +538,7 @@ impl Leader {
                 }
                 Err(err) => return Err(err.into()),
             }
-            let label = step_label(step);
+            taken.push(label);
             tracing::info!(secret = %self.settings.secret, step = label, "certificate rotation");
             self.runtime.metrics().tls.rotated(label);
         }
@@ -659,6 +662,7 @@ fn step_label(step: Step) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::certs::load_pem;
     use rustls::client::danger::ServerCertVerifier;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};

@@ -21,7 +21,6 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use clap::Args;
-use k8s_openapi::jiff::Timestamp;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -165,6 +164,28 @@ impl std::fmt::Debug for Certificates {
 }
 
 impl Certificates {
+    /// Serves the pair from `source` if it loads; one that does not leaves the certificate
+    /// served so far in place. Either way it is logged and counted.
+    pub(crate) fn load(
+        &self,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        source: &str,
+        metrics: &crate::metrics::TlsMetrics,
+    ) {
+        match load_pem(cert_pem, key_pem) {
+            Ok(loaded) => {
+                tracing::info!(service = self.name(), source, not_after = %loaded.validity.not_after, "serving a new certificate");
+                self.set(loaded);
+                metrics.reloaded(self.name(), true);
+            }
+            Err(err) => {
+                tracing::warn!(service = self.name(), source, error = %err, "the certificate does not load; keeping the one served so far");
+                metrics.reloaded(self.name(), false);
+            }
+        }
+    }
+
     /// None yet; [`Certificates::set`] provides one.
     pub fn empty(name: &str) -> Self {
         Self {
@@ -270,10 +291,15 @@ impl Runtime {
             }
             _ => return Err(CertError::NoSource),
         }
-        tokio::spawn(crate::metrics::follow_certificates(
-            self.metrics().clone(),
-            certificates.clone(),
-        ));
+        let follow =
+            crate::metrics::follow_certificates(self.metrics().clone(), certificates.clone());
+        let shutdown = self.shutdown_token().clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = follow => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
         Ok(certificates)
     }
 }
@@ -305,17 +331,8 @@ impl Files {
         loop {
             match self.read() {
                 Ok(pair) if last.as_ref() != Some(&pair) => {
-                    match load_pem(&pair.0, &pair.1) {
-                        Ok(loaded) => {
-                            tracing::info!(service = certificates.name(), cert = %self.cert.display(), not_after = %loaded.validity.not_after, "loaded the serving certificate");
-                            certificates.set(loaded);
-                            metrics.tls.reloaded(certificates.name(), true);
-                        }
-                        Err(err) => {
-                            tracing::warn!(service = certificates.name(), cert = %self.cert.display(), error = %err, "could not load the serving certificate; keeping the one served so far");
-                            metrics.tls.reloaded(certificates.name(), false);
-                        }
-                    }
+                    let source = self.cert.display().to_string();
+                    certificates.load(&pair.0, &pair.1, &source, &metrics.tls);
                     last = Some(pair);
                 }
                 Ok(_) => {}
@@ -331,11 +348,6 @@ impl Files {
     }
 }
 
-/// Seconds from now until `at` (negative once past), for logs and metrics.
-pub fn seconds_until(at: Timestamp) -> i64 {
-    at.as_second() - Timestamp::now().as_second()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,7 +357,7 @@ mod tests {
     fn a_pem_pair_loads_and_a_mismatched_one_is_refused() {
         let (cert, key) = self_signed(&["a.test"]);
         let loaded = load_pem(cert.as_bytes(), key.as_bytes()).expect("loads");
-        assert!(loaded.validity.not_after > Timestamp::now());
+        assert!(loaded.validity.not_after > k8s_openapi::jiff::Timestamp::now());
         let (_, other_key) = self_signed(&["b.test"]);
         let err = load_pem(cert.as_bytes(), other_key.as_bytes()).expect_err("mismatch");
         assert!(err.to_string().contains("does not belong"), "{err}");

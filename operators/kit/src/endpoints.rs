@@ -111,10 +111,6 @@ impl ReadinessCheck {
     pub fn set(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }
-
-    pub fn is_set(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
-    }
 }
 
 impl Drop for ReadinessCheck {

@@ -144,7 +144,8 @@ impl Runtime {
         let metrics = self.metrics().http.clone();
         // Every service answers `/healthz` too, for probes that speak TLS.
         let router = router.route("/healthz", axum::routing::get(|| async { "ok" }));
-        let router = router.route_layer(middleware::from_fn_with_state(
+        // `layer`, not `route_layer`: requests no route matches are counted too, as one label.
+        let router = router.layer(middleware::from_fn_with_state(
             Measured {
                 server: name,
                 metrics: metrics.clone(),
@@ -322,6 +323,12 @@ mod tests {
         assert!(
             text.contains(
                 r#"gantry_http_requests_total{server="test",route="/hello/{who}",code="2xx"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"gantry_http_requests_total{server="test",route="unmatched",code="4xx"} 1"#
             ),
             "{text}"
         );

@@ -132,10 +132,11 @@ async fn run(runtime: Runtime, args: NoopArgs) -> Result<(), BoxError> {
         None => None,
     };
     let node = args.node_name.clone().map(|node| {
+        // An agent watches only its own node's pods: each agent's share, not the cluster's.
         let pods = runtime.index(
             "pods by node",
             runtime.api::<Pod>(),
-            watcher::Config::default(),
+            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
             node_of,
             pod_name,
         );

@@ -47,16 +47,11 @@ pub struct Change {
 impl Change {
     pub fn of<K: Resource>(object: &K, deleted: bool) -> Self {
         let meta = object.meta();
-        let controller = meta
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-            .map(|o| Controlled {
-                api_version: o.api_version.clone(),
-                kind: o.kind.clone(),
-                name: o.name.clone(),
-            });
+        let controller = crate::index::controller_of(object).map(|o| Controlled {
+            api_version: o.api_version.clone(),
+            kind: o.kind.clone(),
+            name: o.name.clone(),
+        });
         Self {
             namespace: meta.namespace.clone(),
             name: meta.name.clone().unwrap_or_default(),
@@ -249,6 +244,28 @@ where
     }
 }
 
+/// The events of a watch on `api` (narrowed by `config`) for as long as it is polled: a
+/// failure is logged, naming `what` is watched, and the watch goes on after a backoff.
+pub fn watch_events<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: String,
+) -> impl Stream<Item = Event<K>> + Send + 'static
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher::watcher(api, config)
+        .default_backoff()
+        .filter_map(move |event| {
+            let event = event
+                .inspect_err(
+                    |err| tracing::warn!(watch = %what, error = %err, "watch failed; retrying"),
+                )
+                .ok();
+            std::future::ready(event)
+        })
+}
+
 /// A cache of what `api` lists (narrowed by `config`), and the future that fills it: poll it
 /// (spawn it) for as long as the cache is wanted. [`Runtime::cache`] does that for operators.
 pub fn cache<K>(
@@ -259,14 +276,10 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
 {
     let (cache, mut feed) = Cache::new();
-    let kind = K::kind(&()).to_string();
+    let mut events = watch_events(api, config, K::kind(&()).to_string()).boxed();
     let fill = async move {
-        let mut events = watcher::watcher(api, config).default_backoff().boxed();
         while let Some(event) = events.next().await {
-            match event {
-                Ok(event) => feed.apply(&event),
-                Err(err) => tracing::warn!(%kind, error = %err, "watch failed; retrying"),
-            }
+            feed.apply(&event);
         }
     };
     (cache, fill)

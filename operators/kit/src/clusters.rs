@@ -16,12 +16,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::cache::watch_events;
 use crate::events::Events;
 use crate::metrics::ClusterMetrics;
 use crate::runtime::Runtime;
@@ -170,14 +170,9 @@ pub fn watch(
             listed: None,
         };
         let config = watcher::Config::default().labels(CLUSTER_LABEL);
-        let mut events = watcher::watcher(secrets, config).default_backoff().boxed();
+        let mut events = watch_events(secrets, config, "kubeconfig Secrets".into()).boxed();
         while let Some(event) = events.next().await {
-            match event {
-                Ok(event) => remotes.apply(event).await,
-                Err(err) => {
-                    tracing::warn!(error = %err, "watching kubeconfig Secrets failed; retrying")
-                }
-            }
+            remotes.apply(event).await;
         }
     };
     (clusters, follow)

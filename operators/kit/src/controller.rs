@@ -61,8 +61,14 @@ use crate::runtime::{ApiScope, Runtime};
 /// `namespace/name`, or `name` for cluster-scoped objects.
 pub fn object_key<K: Resource>(obj: &K) -> String {
     let meta = obj.meta();
-    let name = meta.name.as_deref().unwrap_or_default();
-    match meta.namespace.as_deref() {
+    key_of(
+        meta.namespace.as_deref(),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
+fn key_of(namespace: Option<&str>, name: &str) -> String {
+    match namespace {
         Some(ns) => format!("{ns}/{name}"),
         None => name.to_string(),
     }
@@ -315,10 +321,7 @@ where
 }
 
 fn change_key(change: &Change) -> String {
-    match &change.namespace {
-        Some(ns) => format!("{ns}/{}", change.name),
-        None => change.name.clone(),
-    }
+    key_of(change.namespace.as_deref(), &change.name)
 }
 
 struct Shared<Ctx, F> {

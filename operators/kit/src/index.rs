@@ -17,13 +17,12 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
-use crate::cache::{Changes, Synced};
+use crate::cache::{Changes, Synced, watch_events};
 use crate::runtime::Runtime;
 
 /// Objects' projections by key and object. Cheap to clone; every clone sees the same cache.
@@ -129,13 +128,17 @@ impl<V> Default for Index<V> {
 
 /// The UID of the object's controlling owner, if it has one.
 pub fn controller_uid<K: Resource>(object: &K) -> Option<&str> {
+    controller_of(object).map(|o| o.uid.as_str())
+}
+
+/// The `ownerReferences` entry with `controller: true`, if any.
+pub fn controller_of<K: Resource>(object: &K) -> Option<&OwnerReference> {
     object
         .meta()
         .owner_references
         .iter()
         .flatten()
         .find(|o| o.controller == Some(true))
-        .map(|o| o.uid.as_str())
 }
 
 /// The key that files an object under its controlling owner's UID.
@@ -264,14 +267,10 @@ where
 {
     let index = Index::default();
     let filing = index.clone();
-    let kind = std::any::type_name::<K>();
+    let mut events = watch_events(api, config, std::any::type_name::<K>().to_string()).boxed();
     let fill = async move {
-        let mut events = watcher::watcher(api, config).default_backoff().boxed();
         while let Some(event) = events.next().await {
-            match event {
-                Ok(event) => filing.apply(&event, &key, &project),
-                Err(err) => tracing::warn!(kind, error = %err, "watch failed; retrying"),
-            }
+            filing.apply(&event, &key, &project);
         }
     };
     (index, fill)

@@ -542,6 +542,22 @@ mod tests {
         }))
     }
 
+    /// The names of the next `count` objects `triggers` asks to reconcile, sorted.
+    async fn next_names(
+        triggers: &mut BoxStream<'static, ObjectRef<Decoded<ConfigMap>>>,
+        count: usize,
+    ) -> Vec<String> {
+        let mut names = Vec::new();
+        for _ in 0..count {
+            let next = tokio::time::timeout(Duration::from_secs(5), triggers.next())
+                .await
+                .expect("a trigger");
+            names.extend(next.map(|r| r.name));
+        }
+        names.sort();
+        names
+    }
+
     /// What a controller shares, remembering `memory`, with no reconcile function.
     fn shared(memory: Memory) -> Arc<Shared<(), ()>> {
         Arc::new(Shared {
@@ -565,12 +581,9 @@ mod tests {
         let mut triggers = term_triggers(&objects, &Arc::new(Vec::new()), &shared);
         feed.apply(&Event::Delete(guarded("a")));
         feed.apply(&Event::Apply(guarded("c")));
-        let next = tokio::time::timeout(Duration::from_secs(5), triggers.next())
-            .await
-            .expect("a trigger");
         assert_eq!(
-            next.map(|r| r.name),
-            Some("c".to_string()),
+            next_names(&mut triggers, 1).await,
+            ["c"],
             "nothing for the deleted one"
         );
         let memory = shared.memory();
@@ -595,36 +608,17 @@ mod tests {
         feed.apply(&Event::InitApply(guarded("y")));
         let mut triggers = term_triggers(&objects, &Arc::new(Vec::new()), &shared);
         feed.apply(&Event::InitDone);
-        let mut names = Vec::new();
-        for _ in 0..2 {
-            let next = tokio::time::timeout(Duration::from_secs(5), triggers.next())
-                .await
-                .expect("a trigger");
-            names.extend(next.map(|r| r.name));
-        }
-        names.sort();
-        assert_eq!(names, ["x", "y"]);
+        assert_eq!(next_names(&mut triggers, 2).await, ["x", "y"]);
         feed.apply(&Event::Apply(guarded("z")));
-        let next = tokio::time::timeout(Duration::from_secs(5), triggers.next())
-            .await
-            .expect("a trigger");
         assert_eq!(
-            next.map(|r| r.name).as_deref(),
-            Some("z"),
+            next_names(&mut triggers, 1).await,
+            ["z"],
             "each object once"
         );
 
         // The next term begins with the cache synced: every object at once.
         let mut next_term = term_triggers(&objects, &Arc::new(Vec::new()), &shared);
-        let mut names = Vec::new();
-        for _ in 0..3 {
-            let next = tokio::time::timeout(Duration::from_secs(5), next_term.next())
-                .await
-                .expect("a trigger");
-            names.extend(next.map(|r| r.name));
-        }
-        names.sort();
-        assert_eq!(names, ["x", "y", "z"]);
+        assert_eq!(next_names(&mut next_term, 3).await, ["x", "y", "z"]);
     }
 
     #[tokio::test]
@@ -639,18 +633,15 @@ mod tests {
         });
         let mut triggers = term_triggers(&objects, &Arc::new(Vec::new()), &shared);
         assert_eq!(
-            triggers.next().await.map(|r| r.name).as_deref(),
-            Some("a"),
+            next_names(&mut triggers, 1).await,
+            ["a"],
             "the term's first pass"
         );
         // The watch was lost; meanwhile `a` was deleted and `b` created.
         for event in [Event::Init, Event::InitApply(guarded("b")), Event::InitDone] {
             feed.apply(&event);
         }
-        let next = tokio::time::timeout(Duration::from_secs(5), triggers.next())
-            .await
-            .expect("a trigger");
-        assert_eq!(next.map(|r| r.name).as_deref(), Some("b"));
+        assert_eq!(next_names(&mut triggers, 1).await, ["b"]);
         let memory = shared.memory();
         assert!(memory.failures.is_empty() && memory.undecodable.is_empty());
     }

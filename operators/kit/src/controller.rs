@@ -375,7 +375,7 @@ where
 {
     let key = object_key(obj.as_ref());
     let span = tracing::info_span!("reconcile", controller = shared.name, object = %key);
-    let decoded = obj.0.clone().map(Arc::new);
+    let decoded = obj.0.clone();
     async move {
         let started = Instant::now();
         let result = match decoded {
@@ -497,7 +497,7 @@ fn error_policy<K, Ctx, F, E>(
     shared: Arc<Shared<Ctx, F>>,
 ) -> Action
 where
-    K: Resource<DynamicType = ()>,
+    K: Resource<DynamicType = ()> + Clone,
     E: ReconcileError,
 {
     let key = object_key(obj.as_ref());
@@ -532,14 +532,14 @@ mod tests {
     use kube::runtime::watcher::Event;
 
     fn guarded(name: &str) -> Decoded<ConfigMap> {
-        Decoded(Ok(ConfigMap {
+        Decoded(Ok(Arc::new(ConfigMap {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
                 ..ObjectMeta::default()
             },
             ..ConfigMap::default()
-        }))
+        })))
     }
 
     /// The names of the next `count` objects `triggers` asks to reconcile, sorted.

@@ -7,6 +7,7 @@
 //! JSON more than decoding it straight away.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
@@ -14,9 +15,10 @@ use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-/// An object as the watch delivered it: decoded, or set aside with why and its metadata.
+/// An object as the watch delivered it: decoded (shared, so that handing it to a reconcile
+/// copies nothing), or set aside with why and its metadata.
 #[derive(Clone, Debug)]
-pub struct Decoded<K>(pub Result<K, Undecodable>);
+pub struct Decoded<K>(pub Result<Arc<K>, Undecodable>);
 
 /// An object that does not fit the operator's types.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -31,7 +33,7 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Decoded<K> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = Box::<RawValue>::deserialize(deserializer)?;
         match serde_json::from_str::<K>(raw.get()) {
-            Ok(object) => Ok(Self(Ok(object))),
+            Ok(object) => Ok(Self(Ok(Arc::new(object)))),
             Err(err) => {
                 #[derive(Deserialize)]
                 struct Metadata {
@@ -49,7 +51,7 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Decoded<K> {
     }
 }
 
-impl<K: Resource> Resource for Decoded<K> {
+impl<K: Resource + Clone> Resource for Decoded<K> {
     type DynamicType = K::DynamicType;
     type Scope = K::Scope;
 
@@ -78,7 +80,7 @@ impl<K: Resource> Resource for Decoded<K> {
 
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         match &mut self.0 {
-            Ok(object) => object.meta_mut(),
+            Ok(object) => Arc::make_mut(object).meta_mut(),
             Err(undecodable) => &mut undecodable.metadata,
         }
     }

@@ -6,17 +6,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// What the batch's Prometheus query said.
-#[derive(Clone, Debug, PartialEq)]
-pub enum MetricVerdict {
-    /// No query configured, or the batch is not at the point where it matters.
-    NotChecked,
-    Passed(f64),
-    /// Above the threshold: the batch fails.
-    Failed(String),
-    /// Prometheus could not be asked or gave no number: the batch waits.
-    Unknown(String),
-}
+pub use crate::model::MetricVerdict;
 
 /// How a check's connection is secured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -235,6 +235,7 @@ async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, Erro
         update_revision: &wanted.update.name,
         variant_revisions: &wanted.variant_of,
         check_failures: &check_failures,
+        hold_writes: false,
         metric: &metric,
         now: now_s,
     };

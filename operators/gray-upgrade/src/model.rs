@@ -8,6 +8,23 @@ use serde::{Deserialize, Serialize};
 /// An instance's number; its pod is `<app>-<ordinal>`.
 pub type Ordinal = i32;
 
+/// The name of an instance's pod.
+pub fn pod_name(app: &str, ordinal: Ordinal) -> String {
+    format!("{app}-{ordinal}")
+}
+
+/// What the batch's Prometheus query said.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetricVerdict {
+    /// No query configured, or the batch is not at the point where it matters.
+    NotChecked,
+    Passed(f64),
+    /// Above the threshold: the batch fails.
+    Failed(String),
+    /// Prometheus could not be asked or gave no number: the batch waits.
+    Unknown(String),
+}
+
 /// Seconds since the Unix epoch.
 pub type Seconds = i64;
 
@@ -26,14 +43,53 @@ pub struct ContainerView {
     pub ready: bool,
 }
 
-/// What a container looked like just before its in-place update: the update is done once the
-/// container is a different one (new ID or more restarts) that started after the patch.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What a container looked like just before its in-place update. Every container has one, so
+/// that restarts are counted from the update for all of them, not from the pod's start.
+///
+/// A container the update restarts is done once it is a different one (new ID or more
+/// restarts) that started after the patch. Records written before `expectRestart` existed
+/// held only such containers, hence its default.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerBaseline {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
     pub restart_count: i32,
+    /// Whether the kubelet restarts it for this update: it runs another image than the one
+    /// the patch asks for.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub expect_restart: bool,
+    /// Whether it was running when patched. One that was not (stopped by an earlier patch, a
+    /// slow kubelet not yet having started it again) restarts once more without crashing.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub was_running: bool,
+}
+
+impl Default for ContainerBaseline {
+    fn default() -> Self {
+        Self {
+            container_id: None,
+            restart_count: 0,
+            expect_restart: true,
+            was_running: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
+impl ContainerBaseline {
+    /// Restarts the update itself accounts for.
+    fn own_restarts(&self) -> i32 {
+        i32::from(self.expect_restart || !self.was_running)
+    }
 }
 
 /// The record of an in-place update, kept in an annotation on the pod so that a restarted
@@ -78,6 +134,9 @@ pub struct PodView {
     pub in_service_since: Option<Seconds>,
     pub containers: Vec<ContainerView>,
     pub record: Option<InPlaceRecord>,
+    /// Why the in-place record annotation could not be read, when it is there but unreadable.
+    /// Such an instance cannot be known to have restarted, so it is never put back in service.
+    pub record_unreadable: Option<String>,
 }
 
 impl PodView {
@@ -91,10 +150,14 @@ impl PodView {
     /// runs the patched image. The image ID is deliberately not used: a tag moved to an image
     /// with the same digest restarts the container without changing it.
     pub fn in_place_done(&self) -> bool {
+        if self.record_unreadable.is_some() {
+            return false;
+        }
         let Some(record) = &self.record else {
             return true;
         };
-        record.containers.iter().all(|(name, before)| {
+        let restarting = record.containers.iter().filter(|(_, b)| b.expect_restart);
+        restarting.into_iter().all(|(name, before)| {
             self.containers.iter().any(|c| {
                 c.name == *name
                     && (c.container_id.is_some() && c.container_id != before.container_id
@@ -106,6 +169,11 @@ impl PodView {
 
     /// Restarts since the in-place update finished (or since the pod started).
     pub fn restarts_since_update(&self) -> i32 {
+        if self.record_unreadable.is_some() {
+            // No baseline to count from; the update is not confirmed done either, which is
+            // what holds the instance.
+            return 0;
+        }
         self.containers
             .iter()
             .map(|c| {
@@ -113,7 +181,7 @@ impl PodView {
                     .record
                     .as_ref()
                     .and_then(|r| r.containers.get(&c.name))
-                    .map_or(0, |b| b.restart_count + 1);
+                    .map_or(0, |b| b.restart_count + b.own_restarts());
                 (c.restart_count - baseline).max(0)
             })
             .sum()
@@ -123,6 +191,12 @@ impl PodView {
     pub fn available(&self) -> bool {
         !self.deleting && self.ready && self.in_service == Some(true)
     }
+}
+
+/// Whether two image references name the same image, as the runtime resolves them
+/// (`ocr:v7` and `docker.io/library/ocr:v7` do).
+pub fn same_image(a: &str, b: &str) -> bool {
+    a == b || normalize_image(a) == normalize_image(b)
 }
 
 /// An image reference in the form the container runtime reports it: a bare Docker Hub name
@@ -220,6 +294,7 @@ mod tests {
                     ContainerBaseline {
                         container_id: Some("c1".into()),
                         restart_count: 0,
+                        ..ContainerBaseline::default()
                     },
                 )]
                 .into(),
@@ -282,6 +357,55 @@ mod tests {
             normalize_image(&normalize_image("ocr:v7")),
             normalize_image("ocr:v7")
         );
+    }
+
+    #[test]
+    fn records_written_before_every_container_had_a_baseline_still_read() {
+        let old: InPlaceRecord = serde_json::from_str(
+            r#"{"revision":"r2","previousRevision":"r1","patchedAt":100,"containers":{"app":{"containerId":"c1","restartCount":0}}}"#,
+        )
+        .expect("old record");
+        assert!(old.containers["app"].expect_restart && old.containers["app"].was_running);
+        let unchanged = ContainerBaseline {
+            expect_restart: false,
+            ..ContainerBaseline::default()
+        };
+        let json = serde_json::to_string(&unchanged).expect("serialises");
+        assert_eq!(json, r#"{"restartCount":0,"expectRestart":false}"#);
+    }
+
+    #[test]
+    fn restarts_of_an_unchanged_container_count_from_the_update() {
+        let mut pod = patched_pod(container("c2", 1, 105, true));
+        pod.containers.push(ContainerView {
+            name: "proxy".into(),
+            restart_count: 3,
+            ..container("p1", 3, 10, true)
+        });
+        if let Some(record) = pod.record.as_mut() {
+            record.containers.insert(
+                "proxy".into(),
+                ContainerBaseline {
+                    container_id: Some("p1".into()),
+                    restart_count: 3,
+                    expect_restart: false,
+                    was_running: true,
+                },
+            );
+        }
+        assert!(
+            pod.in_place_done(),
+            "the unchanged container is not waited for"
+        );
+        assert_eq!(pod.restarts_since_update(), 0);
+    }
+
+    #[test]
+    fn images_in_other_spellings_are_the_same_image() {
+        assert!(same_image("ocr:v7", "docker.io/library/ocr:v7"));
+        assert!(same_image("team/app", "docker.io/team/app:latest"));
+        assert!(!same_image("ocr:v7", "ocr:v8"));
+        assert!(!same_image("registry.local/ocr:v7", "ocr:v7"));
     }
 
     #[test]

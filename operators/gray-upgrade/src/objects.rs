@@ -24,9 +24,7 @@ use crate::api::{
 use crate::model::{InPlaceRecord, Ordinal};
 use crate::revision::Revision;
 
-pub fn pod_name(app: &str, ordinal: Ordinal) -> String {
-    format!("{app}-{ordinal}")
-}
+pub use crate::model::pod_name;
 
 pub fn claim_name(claim: &str, app: &str, ordinal: Ordinal) -> String {
     format!("{claim}-{app}-{ordinal}")

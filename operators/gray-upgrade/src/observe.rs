@@ -119,6 +119,10 @@ pub fn pod_view(pod: &LeanPod) -> Option<PodView> {
     let status = &pod.status;
     let condition = |type_: &str| status.conditions.iter().find(|c| c.type_ == type_);
     let gate = condition(READINESS_GATE);
+    let (record, record_unreadable) = match read_record(meta) {
+        Ok(record) => (record, None),
+        Err(why) => (None, Some(why)),
+    };
     let containers = pod
         .spec
         .containers
@@ -159,12 +163,23 @@ pub fn pod_view(pod: &LeanPod) -> Option<PodView> {
             .and_then(|c| c.last_transition_time.as_ref())
             .map(|t| t.0.as_second()),
         containers,
-        record: meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_IN_PLACE))
-            .and_then(|json| serde_json::from_str::<InPlaceRecord>(json).ok()),
+        record,
+        record_unreadable,
     })
+}
+
+/// The in-place record on a pod: none, or why the annotation is there but cannot be read.
+fn read_record(meta: &ObjectMeta) -> Result<Option<InPlaceRecord>, String> {
+    let Some(json) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_IN_PLACE))
+    else {
+        return Ok(None);
+    };
+    serde_json::from_str(json)
+        .map(Some)
+        .map_err(|err| format!("annotation {ANNOTATION_IN_PLACE}: {err}"))
 }
 
 /// The app's instances by ordinal, from its pods.
@@ -219,6 +234,28 @@ mod tests {
             Some("ocr-old")
         );
         assert!(!view.in_place_done(), "the container has not restarted yet");
+    }
+
+    #[test]
+    fn an_unreadable_record_is_reported_not_read_as_done() {
+        let pod: LeanPod = serde_json::from_value(json!({
+            "metadata": {
+                "name": "ocr-1", "uid": "u1",
+                "labels": {"apps.gantry.dev/instance": "1", "apps.gantry.dev/revision": "ocr-abc"},
+                "annotations": {"apps.gantry.dev/in-place-update": "{\"revision\": \"ocr-abc\""}
+            },
+            "spec": {"containers": [{"name": "ocr", "image": "ocr:v8"}]},
+            "status": {"containerStatuses": [{"name": "ocr", "image": "docker.io/library/ocr:v7", "containerID": "c1", "ready": true}]}
+        }))
+        .expect("valid pod");
+        let view = pod_view(&pod).expect("ours");
+        assert!(view.record.is_none());
+        let why = view.record_unreadable.as_deref().unwrap_or_default();
+        assert!(why.contains(ANNOTATION_IN_PLACE), "{why}");
+        assert!(
+            !view.in_place_done(),
+            "an unreadable record is never taken as done"
+        );
     }
 
     #[test]

@@ -15,8 +15,12 @@ use crate::api::{
     UpdateStrategy,
 };
 use crate::checks::MetricVerdict;
-use crate::model::{ContainerView, Instances, Ordinal, PodView, Seconds, format_ranges};
-use crate::plan::{Action, DeleteReason, Input, Plan, desired_ordinals, max_unavailable, plan};
+use crate::model::{
+    ContainerView, Instances, Ordinal, PodView, Seconds, format_ranges, normalize_image,
+};
+use crate::plan::{
+    Action, DeleteReason, Input, NoteReason, Plan, desired_ordinals, max_unavailable, plan,
+};
 use crate::revision::{Revision, Wanted};
 
 fn template(image: &str, env: Option<&str>) -> PodTemplateSpec {
@@ -97,6 +101,16 @@ struct World {
     /// Every disruptive action taken, for the "never twice" checks.
     patches: Vec<(Ordinal, String)>,
     recreates: Vec<Ordinal>,
+    /// Writes are failing: the planner is told to hold.
+    hold_writes: bool,
+    /// How long the kubelet takes to start a stopped container again, per instance (0 when
+    /// not named: at once, on the tick that stops it).
+    restart_delay: BTreeMap<Ordinal, Seconds>,
+    /// Containers stopped and not yet started again, with when they stopped.
+    stopped: BTreeMap<(Ordinal, String), Seconds>,
+    /// The spec image each running container was started for: the kubelet restarts a
+    /// container whose spec changed since (any spelling counts, as the container hash does).
+    started_for: BTreeMap<(Ordinal, String), String>,
 }
 
 impl World {
@@ -117,6 +131,10 @@ impl World {
             metric: MetricVerdict::NotChecked,
             patches: Vec::new(),
             recreates: Vec::new(),
+            hold_writes: false,
+            restart_delay: BTreeMap::new(),
+            stopped: BTreeMap::new(),
+            started_for: BTreeMap::new(),
         };
         world.run(200);
         assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
@@ -153,29 +171,41 @@ impl World {
             variant_revisions: &variants,
             check_failures: &self.check_failures,
             metric: &self.metric,
+            hold_writes: self.hold_writes,
             now: self.now,
         };
         plan(&input)
     }
 
-    fn container(&mut self, image: &str) -> ContainerView {
+    fn never_ready(&self, ordinal: Ordinal, image: &str) -> bool {
+        let broken_instance = self.broken_instances.contains(&ordinal) && image != "ocr:v7";
+        broken_instance || self.broken_images.contains(image)
+    }
+
+    /// A container just started for `image`, reported as the runtime reports images.
+    fn container(&mut self, ordinal: Ordinal, name: &str, image: &str) -> ContainerView {
         self.next_id += 1;
+        self.started_for
+            .insert((ordinal, name.to_string()), image.to_string());
         ContainerView {
-            name: "ocr".into(),
+            name: name.into(),
             image: image.into(),
-            running_image: Some(image.into()),
+            running_image: Some(normalize_image(image)),
             container_id: Some(format!("c{}", self.next_id)),
             restart_count: 0,
             started_at: Some(self.now),
-            ready: !self.broken_images.contains(image),
+            ready: !self.never_ready(ordinal, image),
         }
     }
 
     fn apply(&mut self, action: &Action) {
         match action {
             Action::Create { ordinal, revision } => {
-                let image = self.revisions[revision].images()["ocr"].clone();
-                let container = self.container(&image);
+                let images = self.revisions[revision].images();
+                let containers = images
+                    .iter()
+                    .map(|(name, image)| self.container(*ordinal, name, image))
+                    .collect();
                 self.pods.insert(
                     *ordinal,
                     Arc::new(PodView {
@@ -192,7 +222,7 @@ impl World {
                         .into(),
                         revision: Some(revision.clone()),
                         created_at: self.now,
-                        containers: vec![container],
+                        containers,
                         ..PodView::default()
                     }),
                 );
@@ -204,6 +234,7 @@ impl World {
                     self.recreates.push(*ordinal);
                 }
                 self.pods.remove(ordinal);
+                self.stopped.retain(|(o, _), _| o != ordinal);
             }
             Action::TakeOutOfService { ordinal, .. } => {
                 let pod = Arc::make_mut(self.pods.get_mut(ordinal).expect("pod exists"));
@@ -236,24 +267,49 @@ impl World {
         }
     }
 
-    /// The kubelet: containers whose image changed restart with it; readiness follows.
+    /// The kubelet: a container whose spec image changed since it started is stopped, and
+    /// started again (on whatever the spec says then) after the instance's restart delay;
+    /// readiness follows.
     fn tick(&mut self) {
         self.now += 1;
-        let ids: Vec<Ordinal> = self.pods.keys().copied().collect();
-        for o in ids {
-            let needs_restart: Vec<String> = self.pods[&o]
+        let ordinals: Vec<Ordinal> = self.pods.keys().copied().collect();
+        for o in ordinals {
+            let delay = self.restart_delay.get(&o).copied().unwrap_or(0);
+            let names: Vec<String> = self.pods[&o]
                 .containers
                 .iter()
-                .filter(|c| c.running_image.as_deref() != Some(c.image.as_str()))
-                .map(|c| c.image.clone())
+                .map(|c| c.name.clone())
                 .collect();
-            for image in needs_restart {
-                let mut fresh = self.container(&image);
-                fresh.ready &= !(self.broken_instances.contains(&o) && image != "ocr:v7");
-                let pod = Arc::make_mut(self.pods.get_mut(&o).expect("pod exists"));
-                if let Some(c) = pod.containers.iter_mut().find(|c| c.image == image) {
-                    fresh.restart_count = c.restart_count + 1;
-                    *c = fresh;
+            for name in names {
+                let key = (o, name.clone());
+                let spec_image = self.pods[&o]
+                    .containers
+                    .iter()
+                    .find(|c| c.name == name)
+                    .map(|c| c.image.clone())
+                    .unwrap_or_default();
+                if !self.stopped.contains_key(&key)
+                    && self.started_for.get(&key) != Some(&spec_image)
+                {
+                    self.stopped.insert(key.clone(), self.now);
+                    let pod = Arc::make_mut(self.pods.get_mut(&o).expect("pod exists"));
+                    if let Some(c) = pod.containers.iter_mut().find(|c| c.name == name) {
+                        c.started_at = None;
+                        c.ready = false;
+                    }
+                }
+                let due = self
+                    .stopped
+                    .get(&key)
+                    .is_some_and(|t| self.now >= t + delay);
+                if due {
+                    self.stopped.remove(&key);
+                    let mut fresh = self.container(o, &name, &spec_image);
+                    let pod = Arc::make_mut(self.pods.get_mut(&o).expect("pod exists"));
+                    if let Some(c) = pod.containers.iter_mut().find(|c| c.name == name) {
+                        fresh.restart_count = c.restart_count + 1;
+                        *c = fresh;
+                    }
                 }
             }
             let pod = Arc::make_mut(self.pods.get_mut(&o).expect("pod exists"));
@@ -323,6 +379,13 @@ impl World {
             .iter()
             .flat_map(|v| v.instances.iter().copied())
             .collect();
+        let wanted = Wanted::for_spec("ocr", &self.spec).expect("variants name known containers");
+        let still_wanted: BTreeSet<&str> = wanted
+            .all
+            .iter()
+            .map(|r| r.name.as_str())
+            .chain(self.status.current_revision.as_deref())
+            .collect();
         for action in &plan.actions {
             let moves = matches!(
                 action,
@@ -335,9 +398,13 @@ impl World {
             );
             if moves {
                 let o = action.ordinal();
+                let abandoned = self
+                    .revision_of(o)
+                    .is_some_and(|r| !still_wanted.contains(r.as_str()));
                 let allowed = members.contains(&o)
                     || variant_instances.contains(&o)
-                    || (plan.rollout.phase == RolloutPhase::RollingBack && origins.contains(&o));
+                    || (plan.rollout.phase == RolloutPhase::RollingBack
+                        && (origins.contains(&o) || abandoned));
                 assert!(
                     allowed,
                     "moved instance {o} outside the batch {members:?}: {action:?}"
@@ -739,32 +806,6 @@ fn scale_down_removes_highest_or_named_instances() {
 }
 
 #[test]
-fn restart_of_the_operator_mid_batch_resumes_without_double_upgrades() {
-    let mut world = ocr_world(batches(
-        vec![count(IntOrString::Int(5)), Batch::default()],
-        Promotion::Auto,
-        2,
-    ));
-    world.set_template(template("ocr:v8", None));
-    world.run(3);
-    // The operator dies: its in-memory state is gone, only status and pods remain. A fresh
-    // planner (the same pure function) continues from them.
-    let status = world.status.clone();
-    world.status = status;
-    world.run(300);
-    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
-    let mut patched: Vec<Ordinal> = world.patches.iter().map(|(o, _)| *o).collect();
-    patched.sort_unstable();
-    let unique: BTreeSet<Ordinal> = patched.iter().copied().collect();
-    assert_eq!(
-        patched.len(),
-        unique.len(),
-        "no instance patched twice: {patched:?}"
-    );
-    assert_eq!(unique.len(), 25);
-}
-
-#[test]
 fn batch_members_are_fixed_before_anything_moves() {
     let mut world = ocr_world(batches(
         vec![count(IntOrString::String("20%".into()))],
@@ -807,6 +848,7 @@ fn preview_shows_every_batch_before_anything_moves() {
         variant_revisions: &variants,
         check_failures: &BTreeMap::new(),
         metric: &MetricVerdict::NotChecked,
+        hold_writes: false,
         now: world.now,
     };
     let preview = crate::plan::preview(&input);
@@ -1007,4 +1049,313 @@ fn failure_pause_policy_stops_without_rolling_back() {
         Some(v8),
         "left in place for a person to look at"
     );
+}
+
+fn template_with_sidecar(image: &str, sidecar: &str) -> PodTemplateSpec {
+    let mut t = template(image, None);
+    if let Some(spec) = t.spec.as_mut() {
+        spec.containers.push(Container {
+            name: "proxy".into(),
+            image: Some(sidecar.into()),
+            ..Container::default()
+        });
+    }
+    t
+}
+
+fn on_revision(world: &World, revision: &str) -> usize {
+    world
+        .pods
+        .values()
+        .filter(|p| p.revision.as_deref() == Some(revision))
+        .count()
+}
+
+#[test]
+fn an_unreadable_record_keeps_the_instance_out_of_service_and_says_why() {
+    let mut world = ocr_world(batches(vec![instances(&[3])], Promotion::Auto, 1));
+    world.spec.update.health.progress_deadline_seconds = 600;
+    world.set_template(template("ocr:v8", None));
+    // Until instance 3 is patched, with its container not restarted yet.
+    for _ in 0..20 {
+        let plan = world.plan();
+        for a in &plan.actions {
+            world.apply(a);
+        }
+        world.record_status(&plan);
+        world.now += 1;
+        if !world.patches.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(world.patches.len(), 1, "instance 3 was patched");
+    let pod = Arc::make_mut(world.pods.get_mut(&3).expect("pod 3"));
+    pod.record = None;
+    pod.record_unreadable = Some("annotation apps.gantry.dev/in-place-update: EOF".into());
+    let mut warnings = 0;
+    for _ in 0..50 {
+        let plan = world.step();
+        assert!(
+            !plan
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::PutInService { ordinal: 3, .. })),
+            "an instance whose restart cannot be confirmed is never put back in service"
+        );
+        assert!(plan.unreadable.contains(&3), "the plan names it: {plan:?}");
+        warnings += plan
+            .notes
+            .iter()
+            .filter(|n| n.reason == NoteReason::RecordUnreadable)
+            .count();
+        // What the status stage would write: Degraded with the reason, once reported.
+        world.status.conditions = vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: crate::status::DEGRADED.into(),
+            status: "True".into(),
+            reason: NoteReason::RecordUnreadable.as_str().into(),
+            message: String::new(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ),
+            observed_generation: None,
+        }];
+    }
+    assert_eq!(world.pods[&3].in_service, Some(false));
+    assert_eq!(warnings, 1, "one Warning, not one per reconcile");
+}
+
+#[test]
+fn after_a_sidecar_bump_the_main_container_still_upgrades_in_place() {
+    let mut world = World::settled(GrayAppSpec {
+        template: template_with_sidecar("ocr:v7", "proxy:1"),
+        ..spec(6, "ocr:v7", batches(Vec::new(), Promotion::Auto, 2))
+    });
+    world.set_template(template_with_sidecar("ocr:v7", "proxy:2"));
+    world.run(200);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    // maxRestarts is 0: the sidecar's restart for the first update must not count as a crash
+    // in the second, nor the unchanged container's.
+    world.set_template(template_with_sidecar("ocr:v8", "proxy:2"));
+    let v8 = world.update_revision().name;
+    world.run(200);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    assert_eq!(on_revision(&world, &v8), 6);
+    assert!(world.all_available());
+    assert!(world.recreates.is_empty());
+}
+
+#[test]
+fn another_spelling_of_the_same_image_restarts_nothing_and_counts_no_crash() {
+    let mut world = ocr_world(batches(Vec::new(), Promotion::Auto, 3));
+    world.set_template(template("docker.io/library/ocr:v7", None));
+    let respelled = world.update_revision().name;
+    world.run(200);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    assert_eq!(on_revision(&world, &respelled), 25);
+    assert!(
+        world
+            .pods
+            .values()
+            .all(|p| p.containers[0].restart_count == 0),
+        "the same image under another name is not a change to restart for"
+    );
+    world.set_template(template("docker.io/library/ocr:v8", None));
+    let v8 = world.update_revision().name;
+    world.run(300);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    assert_eq!(on_revision(&world, &v8), 25);
+}
+
+#[test]
+fn scaling_down_mid_batch_converges_at_the_new_size() {
+    let mut world = ocr_world(batches(vec![Batch::default()], Promotion::Auto, 5));
+    world.set_template(template("ocr:v8", None));
+    let v8 = world.update_revision().name;
+    // Until instances near the cut are out of service.
+    for _ in 0..40 {
+        world.step();
+        if (20..25).any(|o| {
+            world
+                .pods
+                .get(&o)
+                .is_some_and(|p| p.in_service == Some(false))
+        }) {
+            break;
+        }
+    }
+    assert!(
+        (20..25).any(|o| world
+            .pods
+            .get(&o)
+            .is_some_and(|p| p.in_service == Some(false))),
+        "an instance beyond the new size is mid-update"
+    );
+    world.spec.replicas = 20;
+    world.run(300);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    assert_eq!(world.pods.len(), 20);
+    assert_eq!(on_revision(&world, &v8), 20);
+    assert!(world.all_available());
+}
+
+#[test]
+fn a_revert_during_a_slow_restart_never_returns_to_the_abandoned_revision() {
+    let mut world = ocr_world(batches(
+        vec![instances(&[0]), Batch::default()],
+        Promotion::Auto,
+        1,
+    ));
+    world.spec.update.health.progress_deadline_seconds = 10;
+    world.restart_delay.insert(0, 15);
+    let v7 = world.update_revision().name;
+    world.set_template(template("ocr:v8", None));
+    let v8 = world.update_revision().name;
+    // Until instance 0 is patched to v8 and its container stopped, not started again.
+    for _ in 0..20 {
+        world.step();
+        if world.pods[&0].containers[0].started_at.is_none() {
+            break;
+        }
+    }
+    assert!(world.pods[&0].containers[0].started_at.is_none());
+    assert_eq!(world.revision_of(0), Some(v8.clone()));
+    // The user reverts; the slow kubelet then misses the batch's progress deadline.
+    world.set_template(template("ocr:v7", None));
+    world.run(300);
+    assert_eq!(
+        on_revision(&world, &v8),
+        0,
+        "no instance is left on the revision the template was reverted away from"
+    );
+    assert_eq!(on_revision(&world, &v7), 25);
+    assert!(world.all_available());
+}
+
+#[test]
+fn while_writes_fail_nobody_is_taken_out_and_waiting_instances_serve() {
+    let mut world = ocr_world(batches(vec![instances(&[1, 2, 3])], Promotion::Auto, 3));
+    world.spec.update.health.progress_deadline_seconds = 600;
+    world.set_template(template("ocr:v8", None));
+    let v8 = world.update_revision().name;
+    // The batch starts and its members go out of service; the patch itself then fails.
+    world.step();
+    world.step();
+    let out = || {
+        (1..4)
+            .filter(|o| world.pods[o].in_service == Some(false))
+            .count()
+    };
+    assert!(
+        out() > 0,
+        "members are out of service, waiting for their patch"
+    );
+    world.hold_writes = true;
+    for _ in 0..10 {
+        let plan = world.step();
+        assert!(
+            !plan.actions.iter().any(|a| matches!(
+                a,
+                Action::TakeOutOfService { .. } | Action::PatchInPlace { .. }
+            )),
+            "nothing new while writes fail: {:?}",
+            plan.actions
+        );
+    }
+    assert!(
+        world.all_available(),
+        "those waiting for the write serve again"
+    );
+    world.hold_writes = false;
+    world.run(300);
+    assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+    assert_eq!(on_revision(&world, &v8), 3);
+}
+
+/// A template among a few: images, one non-image change (a recreate), and a sidecar.
+fn arb_template() -> impl Strategy<Value = PodTemplateSpec> {
+    prop_oneof![
+        Just(template("ocr:v7", None)),
+        Just(template("ocr:v8", None)),
+        Just(template("docker.io/library/ocr:v8", None)),
+        Just(template("ocr:v9", None)),
+        Just(template("ocr:v8", Some("--changed"))),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// After any sequence of template changes, arriving at any point of a rollout, with a
+    /// kubelet that restarts each instance after its own delay and images that never become
+    /// Ready, every instance ends on a revision the spec asks for: its template's, or the last
+    /// completed rollout's where a rollout failed; and back in service unless broken.
+    #[test]
+    fn instances_end_on_a_revision_the_spec_asks_for(
+        changes in proptest::collection::vec((arb_template(), 0usize..25), 1..4),
+        delays in proptest::collection::btree_map(0i32..8, 0i64..30, 0..8),
+        broken_v9 in any::<bool>(),
+        deadline in 5i32..40,
+    ) {
+        let mut world = World::settled(spec(8, "ocr:v7", batches(
+            vec![count(IntOrString::Int(2)), Batch::default()], Promotion::Auto, 2)));
+        world.spec.update.health.progress_deadline_seconds = deadline;
+        world.restart_delay = delays;
+        if broken_v9 {
+            world.broken_images.insert("ocr:v9".into());
+        }
+        for (template, steps) in changes {
+            world.set_template(template);
+            for _ in 0..steps {
+                world.step();
+            }
+        }
+        world.run(800);
+        let update = world.update_revision().name;
+        let stable = world.status.current_revision.clone();
+        let phase = world.rollout_phase();
+        prop_assert!(matches!(phase, Some(RolloutPhase::Completed | RolloutPhase::Failed)), "{phase:?}");
+        for (o, pod) in &world.pods {
+            let revision = pod.revision.as_deref();
+            let wanted = revision == Some(update.as_str())
+                || (phase == Some(RolloutPhase::Failed) && revision == stable.as_deref());
+            prop_assert!(wanted, "instance {o} on {revision:?}; update {update}, stable {stable:?}, {phase:?}");
+        }
+        if !broken_v9 {
+            prop_assert!(world.all_available());
+        }
+    }
+
+    /// The operator dies at any point of a rollout: after writing status and only part of a
+    /// plan's actions, or before writing anything. A fresh planner continues from status and
+    /// pods alone, and no instance is patched twice.
+    #[test]
+    fn a_restart_at_any_point_never_patches_an_instance_twice(
+        crash_at in 1usize..40,
+        written in proptest::collection::vec(any::<bool>(), 32),
+        status_written in any::<bool>(),
+    ) {
+        let mut world = ocr_world(batches(
+            vec![count(IntOrString::Int(5)), Batch::default()], Promotion::Auto, 3));
+        world.set_template(template("ocr:v8", None));
+        let v8 = world.update_revision().name;
+        for _ in 0..crash_at {
+            world.step();
+        }
+        // The crash: the plan's status is written first, then only some of its actions.
+        let plan = world.plan();
+        if status_written {
+            world.record_status(&plan);
+            for (action, done) in plan.actions.iter().zip(written.iter().chain(std::iter::repeat(&false))) {
+                if *done {
+                    world.apply(action);
+                }
+            }
+        }
+        world.tick();
+        world.run(400);
+        prop_assert_eq!(world.rollout_phase(), Some(RolloutPhase::Completed));
+        prop_assert_eq!(on_revision(&world, &v8), 25);
+        let unique: BTreeSet<Ordinal> = world.patches.iter().map(|(o, _)| *o).collect();
+        prop_assert_eq!(unique.len(), world.patches.len(), "patched twice: {:?}", world.patches);
+    }
 }

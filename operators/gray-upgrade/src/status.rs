@@ -7,8 +7,7 @@ use gantry_kit::conditions::{self, Desired, Status, Summary};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{GrayAppSpec, GrayAppStatus, InstanceStatus, RevisionStatus, RolloutPhase};
-use crate::model::{Instances, Ordinal, PodView, format_ranges};
-use crate::objects::pod_name;
+use crate::model::{Instances, Ordinal, PodView, format_ranges, pod_name};
 use crate::plan::{Plan, desired_ordinals};
 use crate::revision::Revision;
 

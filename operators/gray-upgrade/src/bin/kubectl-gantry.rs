@@ -299,6 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 update_revision: &update.name,
                 variant_revisions: &variants,
                 check_failures: &BTreeMap::new(),
+                hold_writes: false,
                 metric: &gray_upgrade::checks::MetricVerdict::NotChecked,
                 now: 0,
             };

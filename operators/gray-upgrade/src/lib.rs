@@ -10,6 +10,7 @@ pub mod observe;
 pub mod plan;
 pub mod plugin;
 pub mod reasons;
+pub mod reconcile;
 pub mod revision;
 pub mod status;
 

@@ -8,6 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::model::WriteFailure;
 use crate::reasons::UpgradeOutcome;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -15,6 +16,24 @@ pub struct RevisionLabels {
     pub namespace: String,
     pub app: String,
     pub revision: String,
+}
+
+impl RevisionLabels {
+    pub fn new(namespace: &str, app: &str, revision: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            app: app.to_string(),
+            revision: revision.to_string(),
+        }
+    }
+}
+
+/// A failed write: its verb, resource and HTTP status class (all from small fixed sets).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteFailureLabels {
+    pub verb: &'static str,
+    pub resource: &'static str,
+    pub code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,6 +49,7 @@ pub struct GrayMetrics {
     pub in_place_seconds: Histogram,
     /// Batch started → batch passed its health gate.
     pub batch_seconds: Histogram,
+    pub write_failures: Family<WriteFailureLabels, Counter>,
 }
 
 impl GrayMetrics {
@@ -59,7 +79,35 @@ impl GrayMetrics {
                 "Time from a batch's start to passing its health gate",
                 Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             ),
+            write_failures: registered(
+                registry,
+                "grayapp_write_failures",
+                "Writes the API server refused or that did not reach it, by verb, resource and status",
+                Family::default(),
+            ),
         }
+    }
+
+    pub fn count_write_failure(&self, failure: &WriteFailure) {
+        let code = match failure.code {
+            None => "none",
+            Some(401) => "401",
+            Some(403) => "403",
+            Some(404) => "404",
+            Some(409) => "409",
+            Some(422) => "422",
+            Some(429) => "429",
+            Some(400..=499) => "4xx",
+            Some(500..=599) => "5xx",
+            Some(_) => "other",
+        };
+        self.write_failures
+            .get_or_create(&WriteFailureLabels {
+                verb: failure.verb.as_str(),
+                resource: failure.resource.as_str(),
+                code,
+            })
+            .inc();
     }
 
     pub fn count(&self, outcome: UpgradeOutcome) {

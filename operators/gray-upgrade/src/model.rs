@@ -226,6 +226,75 @@ pub fn normalize_image(image: &str) -> String {
     }
 }
 
+/// A kind of write the operator makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verb {
+    Create,
+    Patch,
+    Delete,
+}
+
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Create => "create",
+            Verb::Patch => "patch",
+            Verb::Delete => "delete",
+        }
+    }
+}
+
+/// What the operator writes to, as RBAC names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Written {
+    Pods,
+    PodStatus,
+    PersistentVolumeClaims,
+    ControllerRevisions,
+    GrayAppStatus,
+}
+
+impl Written {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Written::Pods => "pods",
+            Written::PodStatus => "pods/status",
+            Written::PersistentVolumeClaims => "persistentvolumeclaims",
+            Written::ControllerRevisions => "controllerrevisions",
+            Written::GrayAppStatus => "grayapps/status",
+        }
+    }
+}
+
+/// A write the API server refused or that did not reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteFailure {
+    pub verb: Verb,
+    pub resource: Written,
+    /// The object's name.
+    pub object: String,
+    /// The HTTP status the API server answered with; `None` when it did not answer.
+    pub code: Option<u16>,
+    pub message: String,
+}
+
+impl WriteFailure {
+    /// Whether a person must act (grant a permission): retrying alone will not help.
+    pub fn needs_a_person(&self) -> bool {
+        matches!(self.code, Some(401 | 403))
+    }
+}
+
+impl std::fmt::Display for WriteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (verb, resource, object) = (self.verb.as_str(), self.resource.as_str(), &self.object);
+        match self.code {
+            Some(code) => write!(f, "{verb} {resource} {object}: {code}: {}", self.message),
+            None => write!(f, "{verb} {resource} {object}: {}", self.message),
+        }
+    }
+}
+
 /// `0-1,3,5-24` for {0, 1, 3, 5, …, 24}.
 pub fn format_ranges(ordinals: &BTreeSet<Ordinal>) -> String {
     let mut parts = Vec::new();

@@ -112,10 +112,14 @@ pub fn instance_claims(app: &GrayApp, ordinal: Ordinal) -> Vec<PersistentVolumeC
 }
 
 /// A ControllerRevision holding a revision's template, so it can be named and returned to.
-pub fn controller_revision(app: &GrayApp, revision: &Revision, number: i64) -> ControllerRevision {
+pub fn controller_revision(
+    app: &GrayApp,
+    revision: &Revision,
+    number: i64,
+) -> Result<ControllerRevision, serde_json::Error> {
     let mut labels = BTreeMap::new();
     labels.insert(LABEL_APP.to_string(), app.name_any());
-    ControllerRevision {
+    Ok(ControllerRevision {
         metadata: ObjectMeta {
             name: Some(revision.name.clone()),
             namespace: app.namespace(),
@@ -123,11 +127,9 @@ pub fn controller_revision(app: &GrayApp, revision: &Revision, number: i64) -> C
             owner_references: owner(app).map(|o| vec![o]),
             ..ObjectMeta::default()
         },
-        data: Some(RawExtension(
-            serde_json::to_value(&revision.template).unwrap_or(Value::Null),
-        )),
+        data: Some(RawExtension(serde_json::to_value(&revision.template)?)),
         revision: number,
-    }
+    })
 }
 
 /// The in-place update: new images, the revision label and the update record, in one write.
@@ -136,19 +138,19 @@ pub fn in_place_patch(
     revision: &str,
     images: &BTreeMap<String, String>,
     record: &InPlaceRecord,
-) -> Value {
+) -> Result<Value, serde_json::Error> {
     let containers: Vec<Value> = images
         .iter()
         .map(|(name, image)| json!({"name": name, "image": image}))
         .collect();
-    json!({
+    Ok(json!({
         "metadata": {
             "uid": uid,
             "labels": {LABEL_REVISION: revision},
-            "annotations": {ANNOTATION_IN_PLACE: serde_json::to_string(record).unwrap_or_default()},
+            "annotations": {ANNOTATION_IN_PLACE: serde_json::to_string(record)?},
         },
         "spec": {"containers": containers},
-    })
+    }))
 }
 
 /// Sets the readiness gate's condition (merged into status.conditions by type).
@@ -217,7 +219,7 @@ mod tests {
     #[test]
     fn instance_pod_carries_identity_gate_owner_and_claims() {
         let app = app();
-        let revision = Revision::new("ocr", app.spec.template.clone());
+        let revision = Revision::new("ocr", app.spec.template.clone()).expect("serialises");
         let pod = instance_pod(&app, 4, &revision);
         assert_eq!(pod.metadata.name.as_deref(), Some("ocr-4"));
         let labels = pod.metadata.labels.clone().unwrap_or_default();
@@ -256,7 +258,8 @@ mod tests {
             "ocr-r2",
             &[("ocr".to_string(), "ocr:v8".to_string())].into(),
             &InPlaceRecord::default(),
-        );
+        )
+        .expect("serialises");
         assert_eq!(patch["metadata"]["uid"], "u1");
         assert_eq!(patch["spec"]["containers"][0]["image"], "ocr:v8");
         assert_eq!(patch["metadata"]["labels"][LABEL_REVISION], "ocr-r2");

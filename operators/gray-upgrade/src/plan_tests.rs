@@ -149,7 +149,7 @@ impl World {
     }
 
     fn update_revision(&self) -> Revision {
-        Revision::new("ocr", self.spec.template.clone())
+        Revision::new("ocr", self.spec.template.clone()).expect("a template serialises")
     }
 
     fn plan(&mut self) -> Plan {

@@ -33,6 +33,15 @@ impl Step {
             Step::InService => "back in service",
         }
     }
+
+    /// Whether the step gets an event on the app: those that create or remove pods do; the
+    /// steps of an in-place update are told by the batch's event, with their timings.
+    pub fn has_event(self) -> bool {
+        match self {
+            Step::Created | Step::Removed | Step::Recreating | Step::Replaced => true,
+            Step::OutOfService | Step::Updating | Step::InService => false,
+        }
+    }
 }
 
 impl Reason for Step {
@@ -94,6 +103,42 @@ impl Reason for InvalidSpec {
 
     fn action(self) -> &'static str {
         "Validate"
+    }
+}
+
+/// A write the API server refused: the app says which, and holds its rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteFailed;
+
+impl Reason for WriteFailed {
+    fn reason(self) -> &'static str {
+        "WriteFailed"
+    }
+
+    fn event_type(self) -> EventType {
+        EventType::Warning
+    }
+
+    fn action(self) -> &'static str {
+        "Write"
+    }
+}
+
+/// A stored ControllerRevision cannot be read as a pod template.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevisionUndecodable;
+
+impl Reason for RevisionUndecodable {
+    fn reason(self) -> &'static str {
+        "RevisionUndecodable"
+    }
+
+    fn event_type(self) -> EventType {
+        EventType::Warning
+    }
+
+    fn action(self) -> &'static str {
+        "Read"
     }
 }
 

@@ -16,11 +16,12 @@ pub struct Revision {
 }
 
 impl Revision {
-    pub fn new(app: &str, template: PodTemplateSpec) -> Self {
-        Self {
-            name: revision_name(app, &template),
+    /// The template under its revision name (which hashes the template's JSON).
+    pub fn new(app: &str, template: PodTemplateSpec) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            name: revision_name(app, &template)?,
             template,
-        }
+        })
     }
 
     pub fn images(&self) -> BTreeMap<String, String> {
@@ -43,7 +44,9 @@ pub struct Wanted {
 impl Wanted {
     /// Fails with a readable reason when a variant names a container the template lacks.
     pub fn for_spec(app: &str, spec: &GrayAppSpec) -> Result<Self, String> {
-        let update = Revision::new(app, spec.template.clone());
+        let unhashable =
+            |err: serde_json::Error| format!("the pod template cannot be hashed: {err}");
+        let update = Revision::new(app, spec.template.clone()).map_err(unhashable)?;
         let containers: BTreeSet<String> = update.images().into_keys().collect();
         let mut wanted = Wanted {
             update: update.clone(),
@@ -58,7 +61,8 @@ impl Wanted {
                     variant.name
                 ));
             }
-            let revision = Revision::new(app, with_images(&spec.template, &variant.images));
+            let revision = Revision::new(app, with_images(&spec.template, &variant.images))
+                .map_err(unhashable)?;
             for ordinal in &variant.instances {
                 wanted.variant_of.insert(*ordinal, revision.name.clone());
             }
@@ -73,12 +77,12 @@ impl Wanted {
 
 /// `<app>-<hash>`: the same template always gets the same name, in any process. The hash is
 /// FNV-1a over the template's JSON, whose object keys serde_json sorts.
-pub fn revision_name(app: &str, template: &PodTemplateSpec) -> String {
-    let json = serde_json::to_vec(template).unwrap_or_default();
+pub fn revision_name(app: &str, template: &PodTemplateSpec) -> Result<String, serde_json::Error> {
+    let json = serde_json::to_vec(template)?;
     let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     });
-    format!("{app}-{:010x}", hash & 0xff_ffff_ffff)
+    Ok(format!("{app}-{:010x}", hash & 0xff_ffff_ffff))
 }
 
 /// Container name to image (app containers; init containers never change in place).
@@ -171,6 +175,10 @@ mod tests {
                 ..PodSpec::default()
             }),
         }
+    }
+
+    fn revision_name(app: &str, template: &PodTemplateSpec) -> String {
+        super::revision_name(app, template).expect("a template serialises")
     }
 
     #[test]

@@ -7,7 +7,7 @@ use gantry_kit::conditions::{self, Desired, Status, Summary};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{GrayAppSpec, GrayAppStatus, InstanceStatus, RevisionStatus, RolloutPhase};
-use crate::model::{Instances, Ordinal, PodView, format_ranges, pod_name};
+use crate::model::{Instances, Ordinal, PodView, WriteFailure, format_ranges, pod_name};
 use crate::plan::{Plan, desired_ordinals};
 use crate::revision::Revision;
 
@@ -33,6 +33,8 @@ pub struct StatusInput<'a> {
     pub plan: Option<&'a Plan>,
     /// Why the spec is invalid, when it is.
     pub invalid: Option<&'a str>,
+    /// A write that failed lately and is being retried.
+    pub write_failure: Option<&'a WriteFailure>,
     pub now: &'a Time,
 }
 
@@ -162,44 +164,129 @@ fn selector_string(spec: &GrayAppSpec) -> String {
         .unwrap_or_default()
 }
 
-fn set_conditions(status: &mut GrayAppStatus, input: &StatusInput, desired: usize, ready: usize) {
-    let now = input.now;
-    let generation = input.generation;
+/// Why a condition is what it is: one word per cause, so that a new one cannot be spelt two
+/// ways.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionReason {
+    InvalidSpec,
+    WriteForbidden,
+    WriteFailed,
+    RolloutFailed,
+    RolloutAborted,
+    Progressing,
+    Baking,
+    RollingBack,
+    AwaitingApproval,
+    InstancesNotReady,
+    Converged,
+    NoRollout,
+    Completed,
+    Failed,
+    Aborted,
+    PausedBySpec,
+    NotPaused,
+    HealthGateFailed,
+    InPlaceRecordUnreadable,
+    Healthy,
+}
+
+impl ConditionReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionReason::InvalidSpec => "InvalidSpec",
+            ConditionReason::WriteForbidden => "WriteForbidden",
+            ConditionReason::WriteFailed => "WriteFailed",
+            ConditionReason::RolloutFailed => "RolloutFailed",
+            ConditionReason::RolloutAborted => "RolloutAborted",
+            ConditionReason::Progressing => "Progressing",
+            ConditionReason::Baking => "Baking",
+            ConditionReason::RollingBack => "RollingBack",
+            ConditionReason::AwaitingApproval => "AwaitingApproval",
+            ConditionReason::InstancesNotReady => "InstancesNotReady",
+            ConditionReason::Converged => "Converged",
+            ConditionReason::NoRollout => "NoRollout",
+            ConditionReason::Completed => "Completed",
+            ConditionReason::Failed => "Failed",
+            ConditionReason::Aborted => "Aborted",
+            ConditionReason::PausedBySpec => "PausedBySpec",
+            ConditionReason::NotPaused => "NotPaused",
+            ConditionReason::HealthGateFailed => "HealthGateFailed",
+            ConditionReason::InPlaceRecordUnreadable => "InPlaceRecordUnreadable",
+            ConditionReason::Healthy => "Healthy",
+        }
+    }
+
+    fn of_phase(phase: RolloutPhase) -> Self {
+        match phase {
+            RolloutPhase::Progressing => ConditionReason::Progressing,
+            RolloutPhase::Baking => ConditionReason::Baking,
+            RolloutPhase::RollingBack => ConditionReason::RollingBack,
+            RolloutPhase::AwaitingApproval => ConditionReason::AwaitingApproval,
+            RolloutPhase::Completed => ConditionReason::Completed,
+            RolloutPhase::Failed => ConditionReason::Failed,
+            RolloutPhase::Aborted => ConditionReason::Aborted,
+        }
+    }
+}
+
+/// Ready, Reconciling or Stalled, as kstatus (Flux, Argo CD's kstatus-based checks) reads
+/// them. An aborted rollout is a person's decision carried out: every instance serves on its
+/// previous revision, so the app is Ready, with the abort as its reason; a failed one needs a
+/// person and is Stalled.
+fn summarise(status: &GrayAppStatus, input: &StatusInput, desired: usize, ready: usize) -> Summary {
     let phase = status.rollout.as_ref().map(|r| r.phase);
-    let rollout_message = status
-        .rollout
-        .as_ref()
-        .map(|r| r.message.clone())
-        .unwrap_or_default();
+    let rollout_message = || {
+        status
+            .rollout
+            .as_ref()
+            .map(|r| r.message.clone())
+            .unwrap_or_default()
+    };
     let acting = input.plan.is_some_and(|p| !p.actions.is_empty());
-    let summary = if let Some(why) = input.invalid {
-        Summary::Stalled {
-            reason: "InvalidSpec".into(),
-            message: why.to_string(),
+    let (kind, (reason, message)) = if let Some(why) = input.invalid {
+        (
+            Kind::Stalled,
+            (ConditionReason::InvalidSpec, why.to_string()),
+        )
+    } else if let Some(failure) = input.write_failure {
+        let message = format!("retrying a write the API server refused: {failure}");
+        if failure.needs_a_person() {
+            (Kind::Stalled, (ConditionReason::WriteForbidden, message))
+        } else {
+            (Kind::Reconciling, (ConditionReason::WriteFailed, message))
         }
     } else {
         match phase {
-            Some(RolloutPhase::Failed) => Summary::Stalled {
-                reason: "RolloutFailed".into(),
-                message: rollout_message.clone(),
-            },
-            Some(RolloutPhase::Aborted) => Summary::Stalled {
-                reason: "RolloutAborted".into(),
-                message: rollout_message.clone(),
-            },
+            Some(RolloutPhase::Failed) => (
+                Kind::Stalled,
+                (ConditionReason::RolloutFailed, rollout_message()),
+            ),
             Some(
                 p @ (RolloutPhase::Progressing
                 | RolloutPhase::Baking
                 | RolloutPhase::RollingBack
                 | RolloutPhase::AwaitingApproval),
-            ) => Summary::Reconciling {
-                reason: format!("{p:?}"),
-                message: rollout_message.clone(),
-            },
-            _ if acting || ready < desired => Summary::Reconciling {
-                reason: "InstancesNotReady".into(),
-                message: format!("{ready} of {desired} instances ready"),
-            },
+            ) => (
+                Kind::Reconciling,
+                (ConditionReason::of_phase(p), rollout_message()),
+            ),
+            _ if acting || ready < desired => (
+                Kind::Reconciling,
+                (
+                    ConditionReason::InstancesNotReady,
+                    format!("{ready} of {desired} instances ready"),
+                ),
+            ),
+            Some(RolloutPhase::Aborted) => (
+                Kind::Ready,
+                (
+                    ConditionReason::RolloutAborted,
+                    format!(
+                        "{}; {ready} of {desired} instances ready",
+                        rollout_message()
+                    ),
+                ),
+            ),
             _ => {
                 let spread = status
                     .revisions
@@ -207,25 +294,52 @@ fn set_conditions(status: &mut GrayAppStatus, input: &StatusInput, desired: usiz
                     .map(|r| format!("{} on {}", r.count, r.name))
                     .collect::<Vec<_>>()
                     .join(", ");
-                Summary::Ready {
-                    reason: "Converged".into(),
-                    message: format!("{ready} of {desired} instances ready ({spread})"),
-                }
+                (
+                    Kind::Ready,
+                    (
+                        ConditionReason::Converged,
+                        format!("{ready} of {desired} instances ready ({spread})"),
+                    ),
+                )
             }
         }
     };
+    let reason = reason.as_str().to_string();
+    match kind {
+        Kind::Ready => Summary::Ready { reason, message },
+        Kind::Reconciling => Summary::Reconciling { reason, message },
+        Kind::Stalled => Summary::Stalled { reason, message },
+    }
+}
+
+enum Kind {
+    Ready,
+    Reconciling,
+    Stalled,
+}
+
+fn set_conditions(status: &mut GrayAppStatus, input: &StatusInput, desired: usize, ready: usize) {
+    let now = input.now;
+    let generation = input.generation;
+    let summary = summarise(status, input, desired, ready);
     conditions::set_summary(&mut status.conditions, &summary, generation, now);
+    let phase = status.rollout.as_ref().map(|r| r.phase);
+    let rollout_message = status
+        .rollout
+        .as_ref()
+        .map(|r| r.message.clone())
+        .unwrap_or_default();
     let moving = matches!(
         phase,
         Some(RolloutPhase::Progressing | RolloutPhase::Baking | RolloutPhase::RollingBack)
     );
-    let phase_name = phase.map_or_else(|| "NoRollout".to_string(), |p| format!("{p:?}"));
+    let phase_reason = phase.map_or(ConditionReason::NoRollout, ConditionReason::of_phase);
     conditions::set(
         &mut status.conditions,
         &Desired::new(
             PROGRESSING,
             Status::from_bool(moving),
-            phase_name,
+            phase_reason.as_str(),
             rollout_message.clone(),
         ),
         generation,
@@ -237,38 +351,62 @@ fn set_conditions(status: &mut GrayAppStatus, input: &StatusInput, desired: usiz
         &Desired::new(
             PAUSED,
             Status::from_bool(paused),
-            if paused { "PausedBySpec" } else { "NotPaused" },
+            if paused {
+                ConditionReason::PausedBySpec.as_str()
+            } else {
+                ConditionReason::NotPaused.as_str()
+            },
             "",
         ),
         generation,
         now,
     );
-    let failed = input.plan.map_or(0, |p| p.failed.len());
-    let degraded = failed > 0
-        || matches!(
-            phase,
-            Some(RolloutPhase::Failed | RolloutPhase::RollingBack)
-        );
-    let degraded_message = if degraded {
-        format!("{failed} instance(s) failed their health gate; {rollout_message}")
-    } else {
-        String::new()
-    };
+    let (degraded, reason, message) = degradation(input, phase, &rollout_message);
     conditions::set(
         &mut status.conditions,
         &Desired::new(
             DEGRADED,
             Status::from_bool(degraded),
-            if degraded {
-                "HealthGateFailed"
-            } else {
-                "Healthy"
-            },
-            degraded_message,
+            reason.as_str(),
+            message,
         ),
         generation,
         now,
     );
+}
+
+fn degradation(
+    input: &StatusInput,
+    phase: Option<RolloutPhase>,
+    rollout_message: &str,
+) -> (bool, ConditionReason, String) {
+    let unreadable = input.plan.map(|p| &p.unreadable).filter(|u| !u.is_empty());
+    if let Some(unreadable) = unreadable {
+        let names: Vec<String> = unreadable.iter().map(|o| pod_name(input.app, *o)).collect();
+        return (
+            true,
+            ConditionReason::InPlaceRecordUnreadable,
+            format!(
+                "kept out of service: the in-place update record of {} cannot be read, so its \
+                 restart cannot be confirmed; delete the pod to recreate it",
+                names.join(", ")
+            ),
+        );
+    }
+    let failed = input.plan.map_or(0, |p| p.failed.len());
+    if failed > 0
+        || matches!(
+            phase,
+            Some(RolloutPhase::Failed | RolloutPhase::RollingBack)
+        )
+    {
+        return (
+            true,
+            ConditionReason::HealthGateFailed,
+            format!("{failed} instance(s) failed their health gate; {rollout_message}"),
+        );
+    }
+    (false, ConditionReason::Healthy, String::new())
 }
 
 #[cfg(test)]
@@ -331,6 +469,7 @@ mod tests {
             update_revision: "ocr-a",
             plan: None,
             invalid: None,
+            write_failure: None,
             now: &now,
         });
         assert_eq!(
@@ -367,6 +506,149 @@ mod tests {
         assert_eq!(selector_string(&spec), "app=ocr,track notin (canary)");
     }
 
+    fn input_with<'a>(
+        spec: &'a GrayAppSpec,
+        pods: &'a Instances,
+        previous: &'a GrayAppStatus,
+        plan: Option<&'a Plan>,
+        write_failure: Option<&'a WriteFailure>,
+        now: &'a Time,
+    ) -> StatusInput<'a> {
+        StatusInput {
+            app: "ocr",
+            generation: Some(3),
+            spec,
+            previous,
+            pods,
+            revisions: &EMPTY_REVISIONS,
+            variant_names: &EMPTY_NAMES,
+            update_revision: "ocr-b",
+            plan,
+            invalid: None,
+            write_failure,
+            now,
+        }
+    }
+
+    static EMPTY_REVISIONS: BTreeMap<String, Revision> = BTreeMap::new();
+    static EMPTY_NAMES: BTreeMap<String, String> = BTreeMap::new();
+
+    fn three_on(rev: &str) -> Instances {
+        (0..3).map(|o| (o, Arc::new(running(o, rev)))).collect()
+    }
+
+    #[test]
+    fn an_aborted_rollout_with_every_instance_serving_is_ready_not_stalled() {
+        let spec = spec(3);
+        let pods = three_on("ocr-a");
+        let previous = GrayAppStatus {
+            rollout: Some(crate::api::RolloutStatus {
+                revision: "ocr-b".into(),
+                phase: RolloutPhase::Aborted,
+                batch: 0,
+                batches: 1,
+                batch_progress: "1/1".into(),
+                members: vec![0],
+                failed: Vec::new(),
+                batch_started_at: None,
+                healthy_since: None,
+                origins: BTreeMap::new(),
+                aborted: true,
+                message: "every instance rollout ocr-b moved is back on its previous revision"
+                    .into(),
+            }),
+            ..GrayAppStatus::default()
+        };
+        let now = now();
+        let status = build(&input_with(&spec, &pods, &previous, None, None, &now));
+        assert!(conditions::is_true(&status.conditions, conditions::READY));
+        assert!(!conditions::is_true(
+            &status.conditions,
+            conditions::STALLED
+        ));
+        let ready = conditions::get(&status.conditions, conditions::READY).expect("Ready");
+        assert_eq!(ready.reason, "RolloutAborted");
+        assert!(
+            ready.message.contains("3 of 3 instances ready"),
+            "{}",
+            ready.message
+        );
+    }
+
+    #[test]
+    fn a_forbidden_write_stalls_the_app_naming_the_verb_and_resource() {
+        let spec = spec(3);
+        let pods = three_on("ocr-b");
+        let failure = WriteFailure {
+            verb: crate::model::Verb::Patch,
+            resource: crate::model::Written::PodStatus,
+            object: "ocr-1".into(),
+            code: Some(403),
+            message: "pods \"ocr-1\" is forbidden".into(),
+        };
+        let now = now();
+        let previous = GrayAppStatus::default();
+        let status = build(&input_with(
+            &spec,
+            &pods,
+            &previous,
+            None,
+            Some(&failure),
+            &now,
+        ));
+        let stalled = conditions::get(&status.conditions, conditions::STALLED).expect("Stalled");
+        assert_eq!(stalled.status, "True");
+        assert_eq!(stalled.reason, "WriteForbidden");
+        assert!(
+            stalled.message.contains("patch pods/status ocr-1: 403"),
+            "{}",
+            stalled.message
+        );
+    }
+
+    #[test]
+    fn an_unreadable_record_degrades_the_app_naming_the_pod() {
+        let spec = spec(3);
+        let pods = three_on("ocr-b");
+        let plan = Plan {
+            actions: Vec::new(),
+            rollout: crate::api::RolloutStatus {
+                revision: "ocr-b".into(),
+                phase: RolloutPhase::Progressing,
+                batch: 0,
+                batches: 1,
+                batch_progress: "1/1".into(),
+                members: vec![1],
+                failed: Vec::new(),
+                batch_started_at: None,
+                healthy_since: None,
+                origins: BTreeMap::new(),
+                aborted: false,
+                message: String::new(),
+            },
+            current_revision: None,
+            notes: Vec::new(),
+            requeue_after: None,
+            failed: BTreeSet::new(),
+            held_back: 0,
+            unreadable: [1].into(),
+        };
+        let now = now();
+        let previous = GrayAppStatus::default();
+        let status = build(&input_with(
+            &spec,
+            &pods,
+            &previous,
+            Some(&plan),
+            None,
+            &now,
+        ));
+        let degraded = conditions::get(&status.conditions, DEGRADED).expect("Degraded");
+        assert_eq!(degraded.status, "True");
+        assert_eq!(degraded.reason, "InPlaceRecordUnreadable");
+        assert!(degraded.message.contains("ocr-1"), "{}", degraded.message);
+    }
+
     #[test]
     fn invalid_spec_is_stalled() {
         let spec = spec(1);
@@ -382,6 +664,7 @@ mod tests {
             update_revision: "ocr-a",
             plan: None,
             invalid: Some("selector does not match the template's labels"),
+            write_failure: None,
             now: &now,
         });
         assert!(conditions::is_true(&status.conditions, conditions::STALLED));
@@ -409,6 +692,7 @@ mod tests {
             update_revision: "ocr-a",
             plan: None,
             invalid: None,
+            write_failure: None,
             now: &now,
         });
         assert_eq!(status.instances.len(), 1);
@@ -433,6 +717,7 @@ mod tests {
                 update_revision: "ocr-a",
                 plan: None,
                 invalid: None,
+                write_failure: None,
                 now,
             })
         };

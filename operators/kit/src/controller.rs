@@ -67,7 +67,8 @@ pub fn object_key<K: Resource>(obj: &K) -> String {
     )
 }
 
-fn key_of(namespace: Option<&str>, name: &str) -> String {
+/// `namespace/name` (or `name`) from the parts, as [`object_key`] spells it.
+pub fn key_of(namespace: Option<&str>, name: &str) -> String {
     match namespace {
         Some(ns) => format!("{ns}/{name}"),
         None => name.to_string(),

@@ -145,7 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             batches.push(batch);
             let patch = json!({"spec": {"template": template, "update": {"batches": batches}}});
             apps.patch(&app, &params, &Patch::Merge(patch)).await?;
-            let name = Revision::new(&app, template).name;
+            let name = Revision::new(&app, template)?.name;
             if new_revision {
                 println!(
                     "{app}: rolling out {name}; batch 1 of {} starts now",
@@ -201,7 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Verb::Abort { app } => {
             let current = get(app.clone()).await?;
             // From the spec, not status: status may not have caught up with the last change.
-            let revision = Revision::new(&app, current.spec.template.clone()).name;
+            let revision = Revision::new(&app, current.spec.template.clone())?.name;
             apps.patch(
                 &app,
                 &params,

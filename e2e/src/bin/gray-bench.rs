@@ -4,7 +4,12 @@
 //! promotion, and reports the wall time, the time the operator spent reconciling versus
 //! waiting on pods, the API requests it made per instance (from the API server's audit log,
 //! by the operator's ServiceAccount), and its peak memory and CPU. With `--scale M`, it then
-//! grows the app to M instances and reports the operator's resident memory there.
+//! grows the app to M instances, reports the operator's resident memory there, and rolls all
+//! M out again in B batches.
+//!
+//! The simulated kubelet restarts a container `--restart-delay-seconds` after it stopped, so a
+//! rollout can take no less than its waves (per batch, its size over maxUnavailable, rounded
+//! up) times that delay: the floor, printed with the rollout's ratio to it.
 //!
 //!   cargo run -p gantry-e2e --bin gray-bench -- --instances 1000 --nodes 100 --batches 5
 
@@ -33,6 +38,9 @@ struct Args {
     /// Then grow the app to this many instances and report the operator's memory there.
     #[arg(long)]
     scale: Option<u32>,
+    /// How long the simulated kubelet takes to start a stopped container again.
+    #[arg(long, default_value_t = 5)]
+    restart_delay_seconds: u32,
     /// The operator binary (default: a release build made with cargo).
     #[arg(long)]
     operator: Option<PathBuf>,
@@ -138,8 +146,184 @@ async fn wait_status(
     }
 }
 
-fn template(image: &str) -> Value {
-    json!({"metadata": {"labels": {"app": "bench"}}, "spec": {"containers": [{"name": "app", "image": image}]}})
+fn template(image: &str, restart_delay_seconds: u32) -> Value {
+    json!({
+        "metadata": {
+            "labels": {"app": "bench"},
+            "annotations": {"kwok.gantry.dev/restart-delay": format!("{restart_delay_seconds}s")}
+        },
+        "spec": {"containers": [{"name": "app", "image": image}]}
+    })
+}
+
+/// `batches` batches over `n` instances: equal counts, the last taking the rest.
+fn batches(n: u32, batches: u32) -> Vec<Value> {
+    let per_batch = n / batches;
+    (0..batches)
+        .map(|i| {
+            if i + 1 == batches {
+                json!({})
+            } else {
+                json!({"count": per_batch})
+            }
+        })
+        .collect()
+}
+
+/// The fewest restart delays a rollout of `n` instances in `batches` batches can take: each
+/// batch in waves of at most maxUnavailable (10 %, at least one).
+fn waves(n: u32, batches: u32) -> u32 {
+    let max_unavailable = (n / 10).max(1);
+    let per_batch = n / batches;
+    (0..batches)
+        .map(|i| {
+            let size = if i + 1 == batches {
+                n - per_batch * (batches - 1)
+            } else {
+                per_batch
+            };
+            size.div_ceil(max_unavailable)
+        })
+        .sum()
+}
+
+/// What watching one rollout measured.
+struct Rollout {
+    instances: u32,
+    wall_seconds: f64,
+    floor_seconds: f64,
+    reconciles: f64,
+    reconcile_seconds: f64,
+    cpu_seconds: f64,
+    peak_kib: u64,
+    resident_kib: u64,
+    requests: BTreeMap<String, u64>,
+}
+
+/// Where the operator runs and how to reach what measures it.
+struct Probe<'a> {
+    apps: &'a Api<DynamicObject>,
+    audit: PathBuf,
+    user: String,
+    metrics: String,
+    pid: u32,
+}
+
+impl Probe<'_> {
+    /// Patches the template to `image` (and the batches to `batches` over `n`), and measures
+    /// the rollout until every instance is Ready on it.
+    async fn rollout(&self, args: &Args, n: u32, image: &str) -> Result<Rollout> {
+        let (_, audit_offset) = audit_counts(&self.audit, &self.user, 0)?;
+        let (cpu_before, _) = process_usage(self.pid)?;
+        let (reconcile_before, reconciles_before) = reconciles(&self.metrics).await?;
+        let started = Instant::now();
+        let patch = json!({"spec": {
+            "template": template(image, args.restart_delay_seconds),
+            "update": {"batches": batches(n, args.batches)}
+        }});
+        self.apps
+            .patch("bench", &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        let timeout = Duration::from_secs(u64::from(n) + 600);
+        wait_status(self.apps, "bench", "the rollout", timeout, |s| {
+            s["rollout"]["phase"] == "Completed"
+                && s["updatedReplicas"].as_u64() == Some(u64::from(n))
+                && s["readyReplicas"].as_u64() == Some(u64::from(n))
+        })
+        .await?;
+        let wall_seconds = started.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(2)).await; // let the audit log catch up
+        let (reconcile_after, reconciles_after) = reconciles(&self.metrics).await?;
+        let (cpu_after, peak_kib) = process_usage(self.pid)?;
+        let (requests, _) = audit_counts(&self.audit, &self.user, audit_offset)?;
+        Ok(Rollout {
+            instances: n,
+            wall_seconds,
+            floor_seconds: f64::from(waves(n, args.batches) * args.restart_delay_seconds),
+            reconciles: reconciles_after - reconciles_before,
+            reconcile_seconds: reconcile_after - reconcile_before,
+            cpu_seconds: cpu_after - cpu_before,
+            peak_kib,
+            resident_kib: resident_kib(self.pid)?,
+            requests,
+        })
+    }
+}
+
+fn is_write(request: &str) -> bool {
+    ["create ", "patch ", "update ", "delete "]
+        .iter()
+        .any(|v| request.starts_with(v))
+}
+
+fn is_read(request: &str) -> bool {
+    ["get ", "list ", "watch "]
+        .iter()
+        .any(|v| request.starts_with(v))
+}
+
+impl Rollout {
+    fn print(&self) {
+        let n = f64::from(self.instances);
+        let sum = |keep: &dyn Fn(&str) -> bool| -> f64 {
+            self.requests
+                .iter()
+                .filter(|(k, _)| keep(k))
+                .map(|(_, v)| *v as f64)
+                .sum::<f64>()
+                / n
+        };
+        println!("| rollout of {} instances | value |", self.instances);
+        println!("| --- | --- |");
+        println!(
+            "| wall time (patch → every instance Ready on the new revision, rollout Completed) | {:.1} s |",
+            self.wall_seconds
+        );
+        println!(
+            "| floor (waves × restart delay) / ratio | {:.0} s / {:.2} |",
+            self.floor_seconds,
+            self.wall_seconds / self.floor_seconds.max(1.0)
+        );
+        println!("| reconciles | {} |", self.reconciles);
+        println!(
+            "| time inside reconciles / operator CPU time | {:.2} s / {:.2} s |",
+            self.reconcile_seconds, self.cpu_seconds
+        );
+        println!("| API writes per instance, all | {:.2} |", sum(&is_write));
+        for kind in ["patch pods", "patch pods/status", "patch grayapps/status"] {
+            println!(
+                "| writes per instance: {kind} | {:.3} |",
+                sum(&|k: &str| k == kind)
+            );
+        }
+        println!(
+            "| writes per instance: events | {:.3} |",
+            sum(&|k: &str| is_write(k) && k.ends_with(" events"))
+        );
+        println!(
+            "| writes per instance: other | {:.3} |",
+            sum(&|k: &str| {
+                is_write(k)
+                    && !k.ends_with(" events")
+                    && !["patch pods", "patch pods/status", "patch grayapps/status"].contains(&k)
+            })
+        );
+        println!(
+            "| API reads per instance (get/list/watch) | {:.3} |",
+            sum(&is_read)
+        );
+        println!(
+            "| operator memory: peak / resident after | {:.1} MiB / {:.1} MiB |",
+            self.peak_kib as f64 / 1024.0,
+            self.resident_kib as f64 / 1024.0
+        );
+        println!();
+        println!("requests during the rollout by the operator:");
+        for (k, v) in &self.requests {
+            println!("  {v:>7}  {k}");
+        }
+        println!();
+    }
 }
 
 #[tokio::main]
@@ -189,21 +373,12 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<()> {
     let pid = replica.process.pid();
     let apps = dynamic_api(&client, &namespace, "apps.gantry.dev/v1alpha1", "GrayApp").await?;
     let n = args.instances;
-    let per_batch = n / args.batches;
-    let batches: Vec<Value> = (0..args.batches)
-        .map(|i| {
-            if i + 1 == args.batches {
-                json!({})
-            } else {
-                json!({"count": per_batch})
-            }
-        })
-        .collect();
     let app = json!({
         "apiVersion": "apps.gantry.dev/v1alpha1", "kind": "GrayApp",
         "metadata": {"name": "bench", "namespace": namespace},
-        "spec": {"replicas": n, "selector": {"matchLabels": {"app": "bench"}}, "template": template("app:v1"),
-                 "update": {"maxUnavailable": "10%", "promotion": "Auto", "batches": batches}}
+        "spec": {"replicas": n, "selector": {"matchLabels": {"app": "bench"}},
+                 "template": template("app:v1", args.restart_delay_seconds),
+                 "update": {"maxUnavailable": "10%", "promotion": "Auto", "batches": batches(n, args.batches)}}
     });
     let created = Instant::now();
     apps.create(&PostParams::default(), &serde_json::from_value(app)?)
@@ -213,104 +388,23 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<()> {
         s["readyReplicas"].as_u64() == Some(u64::from(n))
     })
     .await?;
-    let create_seconds = created.elapsed().as_secs_f64();
-
-    let audit = cluster.state_dir.join("logs/audit.log");
-    let (_, audit_offset) = audit_counts(&audit, &user, 0)?;
-    let (cpu_before, _) = process_usage(pid)?;
-    let (reconcile_before, reconciles_before) = reconciles(&metrics).await?;
-    let started = Instant::now();
-    apps.patch(
-        "bench",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"template": template("app:v2")}})),
-    )
-    .await?;
-    wait_status(&apps, "bench", "the rollout", timeout, |s| {
-        s["rollout"]["phase"] == "Completed"
-            && s["updatedReplicas"].as_u64() == Some(u64::from(n))
-            && s["readyReplicas"].as_u64() == Some(u64::from(n))
-    })
-    .await?;
-    let rollout_seconds = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(2)).await; // let the audit log catch up
-    let (reconcile_after, reconciles_after) = reconciles(&metrics).await?;
-    let reconcile_seconds_spent = reconcile_after - reconcile_before;
-    let (cpu_after, peak_kib) = process_usage(pid)?;
-    let (counts, _) = audit_counts(&audit, &user, audit_offset)?;
-    let writes: u64 = counts
-        .iter()
-        .filter(|(k, _)| {
-            ["create", "patch", "update", "delete"]
-                .iter()
-                .any(|v| k.starts_with(v))
-        })
-        .map(|(_, v)| v)
-        .sum();
-    let pod_writes: u64 = counts
-        .iter()
-        .filter(|(k, _)| k.contains(" pods"))
-        .filter(|(k, _)| !k.starts_with("get") && !k.starts_with("list") && !k.starts_with("watch"))
-        .map(|(_, v)| v)
-        .sum();
-    let event_writes: u64 = counts
-        .iter()
-        .filter(|(k, _)| k.ends_with(" events"))
-        .map(|(_, v)| v)
-        .sum();
-    let reads: u64 = counts
-        .iter()
-        .filter(|(k, _)| k.starts_with("get") || k.starts_with("list") || k.starts_with("watch"))
-        .map(|(_, v)| v)
-        .sum();
-
-    println!("| figure | value |");
-    println!("| --- | --- |");
     println!(
-        "| instances / nodes / batches | {n} / {} / {} |",
-        args.nodes, args.batches
-    );
-    println!("| creating {n} instances, until all Ready | {create_seconds:.1} s |");
-    println!(
-        "| rollout, wall time (patch → last instance Ready, rollout Completed) | {rollout_seconds:.1} s |"
-    );
-    println!("| reconciles | {} |", reconciles_after - reconciles_before);
-    println!(
-        "| time inside reconciles (sum of reconcile durations) | {reconcile_seconds_spent:.2} s |"
+        "{n} instances on {} nodes, {} batches, maxUnavailable 10 %, restart delay {} s; user {user}",
+        args.nodes, args.batches, args.restart_delay_seconds
     );
     println!(
-        "| operator CPU time during the rollout | {:.2} s |",
-        cpu_after - cpu_before
-    );
-    println!(
-        "| waiting on pods (wall time − reconcile time) | {:.1} s |",
-        rollout_seconds - reconcile_seconds_spent
-    );
-    println!(
-        "| API writes per instance, all (pods, status, events, app status) | {:.2} |",
-        writes as f64 / f64::from(n)
-    );
-    println!(
-        "| API writes per instance to its pod (pods + pods/status) | {:.2} |",
-        pod_writes as f64 / f64::from(n)
-    );
-    println!(
-        "| event writes per instance | {:.2} |",
-        event_writes as f64 / f64::from(n)
-    );
-    println!(
-        "| API reads per instance (get/list/watch) | {:.3} |",
-        reads as f64 / f64::from(n)
-    );
-    println!(
-        "| operator peak resident memory | {:.1} MiB |",
-        peak_kib as f64 / 1024.0
+        "creating {n} instances, until all Ready: {:.1} s",
+        created.elapsed().as_secs_f64()
     );
     println!();
-    println!("requests during the rollout by the operator ({user}):");
-    for (k, v) in &counts {
-        println!("  {v:>7}  {k}");
-    }
+    let probe = Probe {
+        apps: &apps,
+        audit: cluster.state_dir.join("logs/audit.log"),
+        user,
+        metrics,
+        pid,
+    };
+    probe.rollout(args, n, "app:v2").await?.print();
 
     if let Some(scale) = args.scale {
         let grown = Instant::now();
@@ -328,8 +422,7 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<()> {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let rss = resident_kib(pid)?;
         let (_, peak) = process_usage(pid)?;
-        println!();
-        println!("| at {scale} instances | value |");
+        println!("| at {scale} instances, idle | value |");
         println!("| --- | --- |");
         println!(
             "| scaling {n} → {scale}, until all Ready | {:.1} s |",
@@ -343,6 +436,8 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<()> {
             "| operator peak resident memory | {:.1} MiB |",
             peak as f64 / 1024.0
         );
+        println!();
+        probe.rollout(args, scale, "app:v3").await?.print();
     }
     drop(operator);
     Ok(())

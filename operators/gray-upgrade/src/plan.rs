@@ -480,17 +480,21 @@ pub fn preview(input: &Input) -> Vec<Vec<Ordinal>> {
         .collect()
 }
 
-/// Plans the next step, stage by stage.
+/// Plans the next step, stage by stage. A batch that passes hands over to the next within the
+/// same plan: nothing waits for another reconcile to start it.
 pub fn plan(input: &Input) -> Plan {
     let mut planner = Planner::new(input);
     let mut rollout = planner.rollout();
-    let current_revision = input.status.current_revision.clone();
-    // A batch starts by recording its members; nothing moves until that is written.
-    if planner.start_batch(&mut rollout) {
-        return planner.finish(rollout, current_revision, Acted::default());
+    let mut current_revision = input.status.current_revision.clone();
+    loop {
+        let batch = rollout.batch;
+        planner.start_batch(&mut rollout);
+        let health = planner.judge_health(&mut rollout);
+        let acted = planner.instance_actions(&rollout, health.failed.clone());
+        current_revision = planner.advance_phase(&mut rollout, current_revision, &health, &acted);
+        let next_batch_due = rollout.batch != batch && rollout.batch_started_at.is_none();
+        if !next_batch_due {
+            return planner.finish(rollout, current_revision, acted);
+        }
     }
-    let health = planner.judge_health(&mut rollout);
-    let acted = planner.instance_actions(&rollout, health.failed.clone());
-    let current_revision = planner.advance_phase(&mut rollout, current_revision, &health, &acted);
-    planner.finish(rollout, current_revision, acted)
 }

@@ -521,6 +521,61 @@ fn ocr_story_three_batches_with_manual_approval() {
 }
 
 #[test]
+fn a_passed_batch_is_told_once_with_its_instances_and_timings() {
+    let mut world = ocr_world(batches(
+        vec![instances(&[2, 5, 11]), Batch::default()],
+        Promotion::Auto,
+        3,
+    ));
+    world.set_template(template("ocr:v8", None));
+    let mut notes = Vec::new();
+    for _ in 0..300 {
+        notes.extend(world.step().notes);
+        if world.rollout_phase() == Some(RolloutPhase::Completed) {
+            break;
+        }
+    }
+    let promoted: Vec<&str> = notes
+        .iter()
+        .filter(|n| n.reason == NoteReason::BatchPromoted)
+        .map(|n| n.message.as_str())
+        .collect();
+    assert_eq!(promoted.len(), 1, "{promoted:?}");
+    assert!(
+        promoted[0].contains("batch 1/2") && promoted[0].contains("(2,5,11)"),
+        "{}",
+        promoted[0]
+    );
+    assert!(promoted[0].contains("at the median"), "{}", promoted[0]);
+    let completed: Vec<&str> = notes
+        .iter()
+        .filter(|n| n.reason == NoteReason::RolloutCompleted)
+        .map(|n| n.message.as_str())
+        .collect();
+    assert_eq!(completed.len(), 1);
+    assert!(completed[0].contains("22 instance(s)"), "{}", completed[0]);
+}
+
+#[test]
+fn creating_an_app_reports_no_empty_batch() {
+    let world = ocr_world(UpdateStrategy::default());
+    // `settled` created it; a fresh world shows what its creation noted.
+    let mut fresh = World {
+        status: GrayAppStatus::default(),
+        pods: BTreeMap::new(),
+        ..world
+    };
+    let mut notes = Vec::new();
+    for _ in 0..20 {
+        notes.extend(fresh.step().notes);
+    }
+    assert!(
+        notes.iter().all(|n| n.reason != NoteReason::BatchStarted),
+        "{notes:?}"
+    );
+}
+
+#[test]
 fn without_approval_the_rollout_waits() {
     let mut world = ocr_world(batches(
         vec![instances(&[1]), Batch::default()],
@@ -813,12 +868,19 @@ fn batch_members_are_fixed_before_anything_moves() {
         5,
     ));
     world.set_template(template("ocr:v8", None));
+    // The plan that records the batch may act on its members (its status is written before
+    // any action is carried out), and on no one else.
     let first = world.plan();
-    assert!(
-        first.actions.is_empty(),
-        "the batch is recorded before it acts"
-    );
     assert_eq!(first.rollout.members, vec![0, 1, 2, 3, 4]);
+    assert!(!first.actions.is_empty(), "the batch starts moving at once");
+    assert!(
+        first
+            .actions
+            .iter()
+            .all(|a| first.rollout.members.contains(&a.ordinal())),
+        "{:?}",
+        first.actions
+    );
     assert!(first.rollout.origins.values().any(|r| r == "0-4"));
 }
 
@@ -855,7 +917,6 @@ fn preview_shows_every_batch_before_anything_moves() {
     assert_eq!(preview[0], vec![2, 5, 11]);
     assert_eq!(preview[1], vec![0, 1, 3, 4, 6, 7, 8, 9, 10, 12]);
     assert_eq!(preview[2].len(), 12);
-    assert!(world.plan().actions.is_empty(), "previewing is not acting");
 }
 
 #[test]
@@ -1235,6 +1296,7 @@ fn a_revert_during_a_slow_restart_never_returns_to_the_abandoned_revision() {
 fn while_writes_fail_nobody_is_taken_out_and_waiting_instances_serve() {
     let mut world = ocr_world(batches(vec![instances(&[1, 2, 3])], Promotion::Auto, 3));
     world.spec.update.health.progress_deadline_seconds = 600;
+    world.spec.update.grace_period_seconds = 30;
     world.set_template(template("ocr:v8", None));
     let v8 = world.update_revision().name;
     // The batch starts and its members go out of service; the patch itself then fails.

@@ -35,6 +35,7 @@ pub mod https;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod mock_api;
 pub mod runtime;
 pub mod selector;
 pub mod telemetry;

@@ -30,6 +30,9 @@ impl Budget {
 /// One instance's step.
 enum Decision {
     Act(Action),
+    /// Two actions, in this order: out of service, then patched, when there is no grace
+    /// period to wait out between them.
+    ActInOrder(Action, Action),
     /// The budget, a pause or failing writes keep it where it is for now.
     HeldBack,
     /// Its in-place record cannot be read: it stays out of service.
@@ -84,6 +87,7 @@ impl<'a> Planner<'a> {
             let target = self.target(rollout, &sets, &acted.failed, ordinal);
             match self.decide(ordinal, target, &mut budget, &mut compatible) {
                 Decision::Act(action) => acted.actions.push(action),
+                Decision::ActInOrder(first, then) => acted.actions.extend([first, then]),
                 Decision::HeldBack => acted.held_back += 1,
                 Decision::Unreadable => {
                     acted.unreadable.insert(ordinal);
@@ -136,16 +140,18 @@ impl<'a> Planner<'a> {
             if input.spec.update.paused || input.hold_writes || !budget.admit(pod) {
                 return Decision::HeldBack;
             }
-            let reason = DeleteReason::Recreate;
-            return Decision::Act(if in_place {
-                Action::TakeOutOfService { ordinal, uid }
-            } else {
-                Action::Delete {
+            if !in_place {
+                return Decision::Act(Action::Delete {
                     ordinal,
                     uid,
-                    reason,
-                }
-            });
+                    reason: DeleteReason::Recreate,
+                });
+            }
+            let out = Action::TakeOutOfService { ordinal, uid };
+            if input.spec.update.grace_period_seconds > 0 {
+                return Decision::Act(out);
+            }
+            return Decision::ActInOrder(out, patch_in_place(pod, target, to, input.now));
         }
         if input.hold_writes {
             // Out of service, waiting for a write that is failing: serve meanwhile.

@@ -7,7 +7,7 @@ use super::health::BatchHealth;
 use super::start::next_batch;
 use super::{Acted, NoteReason, Planner, Sets, seconds, time};
 use crate::api::{Promotion, RolloutPhase, RolloutStatus};
-use crate::model::{Ordinal, Seconds};
+use crate::model::{Ordinal, Seconds, format_ranges};
 
 impl Planner<'_> {
     /// Moves the rollout on from what this plan saw and did; returns the revision the app
@@ -116,6 +116,45 @@ impl Planner<'_> {
         rollout.message = message;
     }
 
+    /// What a person wants to know of a batch that passed: its instances, how long it took, and
+    /// how long each instance was away (from its update's start to back in service).
+    fn batch_report(&self, rollout: &RolloutStatus) -> String {
+        let input = self.input;
+        let members: BTreeSet<Ordinal> = rollout.members.iter().copied().collect();
+        let mut away: Vec<Seconds> = members
+            .iter()
+            .filter_map(|o| input.pods.get(o))
+            .filter_map(|p| {
+                let started = p
+                    .record
+                    .as_ref()
+                    .filter(|r| r.revision == rollout.revision)
+                    .map_or(p.created_at, |r| r.patched_at);
+                Some((p.in_service_since? - started).max(0))
+            })
+            .collect();
+        away.sort_unstable();
+        let took = rollout
+            .batch_started_at
+            .as_ref()
+            .map(|t| format!(" in {} s", (input.now - seconds(t)).max(0)));
+        let timing = match (away.get(away.len() / 2), away.last()) {
+            (Some(median), Some(most)) => {
+                format!("; each away from service {median} s at the median, {most} s at most")
+            }
+            _ => String::new(),
+        };
+        format!(
+            "batch {}/{} of {} passed{}: {} instance(s) ({}){timing}",
+            rollout.batch + 1,
+            rollout.batches,
+            rollout.revision,
+            took.unwrap_or_default(),
+            members.len(),
+            format_ranges(&members),
+        )
+    }
+
     /// The batch passed its health gate: finish, wait for approval, or start the next one.
     fn advance(&mut self, rollout: &mut RolloutStatus, current_revision: &mut Option<String>) {
         let input = self.input;
@@ -125,9 +164,10 @@ impl Planner<'_> {
             rollout.message = format!("all {} batch(es) passed", rollout.batches);
             *current_revision = Some(rollout.revision.clone());
             if moved_any {
+                let report = self.batch_report(rollout);
                 self.note(
                     NoteReason::RolloutCompleted,
-                    format!("rollout of {} completed", rollout.revision),
+                    format!("rollout of {} completed; {report}", rollout.revision),
                 );
             }
             return;
@@ -156,14 +196,10 @@ impl Planner<'_> {
             return;
         }
         if !rollout.members.is_empty() {
+            let report = self.batch_report(rollout);
             self.note(
                 NoteReason::BatchPromoted,
-                format!(
-                    "batch {}/{} passed; starting batch {}",
-                    rollout.batch + 1,
-                    rollout.batches,
-                    rollout.batch + 2
-                ),
+                format!("{report}; starting batch {}", rollout.batch + 2),
             );
         }
         next_batch(rollout);

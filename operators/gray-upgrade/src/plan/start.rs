@@ -55,8 +55,9 @@ impl Planner<'_> {
         rollout
     }
 
-    /// Starts the next batch if one is due: records its members and where each comes from, and
-    /// touches nothing, so a restart cannot change who is in the batch. True when it did.
+    /// Starts the next batch if one is due: records its members and where each comes from.
+    /// The status saying so is written before any action of the same plan is carried out, so
+    /// a restart cannot change who is in the batch. True when it did.
     pub(super) fn start_batch(&mut self, rollout: &mut RolloutStatus) -> bool {
         if rollout.phase != RolloutPhase::Progressing || rollout.batch_started_at.is_some() {
             return false;
@@ -96,7 +97,6 @@ impl Planner<'_> {
         rollout.failed.clear();
         rollout.message = "batch starting".into();
         rollout.batch_progress = format!("{}/{total}", index + 1);
-        self.requeue_in(1);
         true
     }
 }

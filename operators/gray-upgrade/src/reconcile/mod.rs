@@ -10,6 +10,9 @@ pub mod probe;
 pub mod update_status;
 pub mod validate;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

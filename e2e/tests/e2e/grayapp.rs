@@ -157,6 +157,30 @@ fn condition(status: &Value, type_: &str) -> Option<String> {
         .and_then(|c| c["status"].as_str().map(String::from))
 }
 
+fn condition_reason(status: &Value, type_: &str) -> Option<String> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["reason"].as_str().map(String::from))
+}
+
+fn condition_message(status: &Value, type_: &str) -> String {
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_))
+        .and_then(|c| c["message"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+fn in_service(pod: &Pod) -> Option<bool> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "apps.gantry.dev/in-service"))
+        .map(|c| c.status == "True")
+}
+
 fn ready_count(status: &Value) -> i64 {
     status["readyReplicas"].as_i64().unwrap_or(0)
 }
@@ -397,7 +421,14 @@ async fn abort_mid_batch_returns_every_moved_instance() -> Result<()> {
             phase(s) == "Aborted" && ready_count(s) == 6
         })
         .await?;
-    assert_eq!(condition(&status, "Stalled").as_deref(), Some("True"));
+    // A person's decision, carried out, with every instance serving: Ready (what Flux and
+    // kstatus read as healthy), the abort as its reason; not Stalled.
+    assert_eq!(condition(&status, "Stalled").as_deref(), Some("False"));
+    assert_eq!(condition(&status, "Ready").as_deref(), Some("True"));
+    assert_eq!(
+        condition_reason(&status, "Ready").as_deref(),
+        Some("RolloutAborted")
+    );
     let pods = gray.pods("api").await?;
     assert!(
         pods.values().all(|p| image_of(p) == "api:v1"),
@@ -443,6 +474,145 @@ async fn reverting_the_template_while_an_instance_is_mid_update_converges() -> R
             .values()
             .all(|p| image_of(p) == "svc:v1")
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_revert_during_a_slow_restart_ends_on_the_reverted_template() -> Result<()> {
+    let gray = Gray::start("gray-slow").await?;
+    let update = json!({"maxUnavailable": 1, "promotion": "Auto",
+        "batches": [{"instances": [0]}, {}], "health": {"progressDeadlineSeconds": 5}});
+    let slow = |image: &str| {
+        let mut t = template("slow", image, None);
+        t["metadata"]["annotations"] = json!({"kwok.gantry.dev/restart-delay": "12s"});
+        json!({"spec": {"template": t}})
+    };
+    // Pods carry the delay from their creation: a template annotation alone changes nothing
+    // that restarts a container.
+    let object = json!({
+        "apiVersion": "apps.gantry.dev/v1alpha1", "kind": "GrayApp",
+        "metadata": {"name": "slow", "namespace": gray.env.namespace()},
+        "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "slow"}},
+                 "template": slow("slow:v1")["spec"]["template"], "update": update}
+    });
+    gray.dynamic()
+        .create(&PostParams::default(), &serde_json::from_value(object)?)
+        .await?;
+    gray.wait_status("slow", "3 Ready", |s| ready_count(s) == 3)
+        .await?;
+    let v1 = gray.status("slow").await?["updateRevision"].clone();
+    gray.patch("slow", slow("slow:v2")).await?;
+    // Instance 0 patched to v2, its container stopped and not started again yet (12 s).
+    poll::until("instance 0 stopped for v2", TIMEOUT, || async {
+        let pods = gray.pods("slow").await?;
+        let stopped = pods.get("slow-0").is_some_and(|p| {
+            image_of(p) == "slow:v2"
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|c| c[0].state.as_ref().is_some_and(|s| s.running.is_none()))
+        });
+        Ok(stopped.then_some(()))
+    })
+    .await?;
+    gray.patch("slow", slow("slow:v1")).await?;
+    let status = gray
+        .wait_status("slow", "a settled rollout back to v1", |s| {
+            matches!(phase(s), "Completed" | "Failed") && ready_count(s) == 3
+        })
+        .await?;
+    assert_eq!(status["updateRevision"], v1);
+    let pods = gray.pods("slow").await?;
+    for (name, pod) in &pods {
+        assert_eq!(
+            image_of(pod),
+            "slow:v1",
+            "{name} runs what the template names"
+        );
+        assert_eq!(
+            pod.labels()
+                .get("apps.gantry.dev/revision")
+                .map(|r| json!(r)),
+            Some(v1.clone()),
+            "{name} is on the template's revision"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_forbidden_write_is_reported_and_holds_no_instance_out_of_service() -> Result<()> {
+    let gray = Gray::start("gray-rbac").await?;
+    gray.create_ready(
+        "web",
+        4,
+        "web:v1",
+        json!({"maxUnavailable": 2, "promotion": "Auto"}),
+    )
+    .await?;
+    // The operator's Role loses `patch` on pods: its in-place patches are refused.
+    let roles: Api<k8s_openapi::api::rbac::v1::Role> = gray.env.api();
+    let role = gray
+        .operator
+        .identity()
+        .rendered
+        .iter()
+        .find(|o| o.types.as_ref().is_some_and(|t| t.kind == "Role"))
+        .map(ResourceExt::name_any)
+        .context("the chart renders a Role")?;
+    let granted = roles.get(&role).await?;
+    let mut narrowed = granted.clone();
+    for rule in narrowed.rules.iter_mut().flatten() {
+        if rule
+            .resources
+            .as_ref()
+            .is_some_and(|r| r == &["pods".to_string()])
+        {
+            rule.verbs.retain(|v| v != "patch");
+        }
+    }
+    roles
+        .replace(&role, &PostParams::default(), &narrowed)
+        .await?;
+    gray.patch("web", image_patch("web", "web:v2")).await?;
+    let status = gray
+        .wait_status("web", "the refused write reported", |s| {
+            condition_reason(s, "Stalled").as_deref() == Some("WriteForbidden")
+        })
+        .await?;
+    let message = condition_message(&status, "Stalled");
+    assert!(message.contains("patch pods web-"), "{message}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = gray.env.api();
+    let warned = events
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items
+        .iter()
+        .any(|e| {
+            e.reason.as_deref() == Some("WriteFailed") && e.type_.as_deref() == Some("Warning")
+        });
+    assert!(warned, "a Warning event says which write failed");
+    // While writes are refused, no instance stays out of service.
+    poll::until("every instance back in service", TIMEOUT, || async {
+        let pods = gray.pods("web").await?;
+        Ok(pods
+            .values()
+            .all(|p| in_service(p) == Some(true))
+            .then_some(()))
+    })
+    .await?;
+    // Permission restored: the rollout goes through.
+    let mut restored = roles.get(&role).await?;
+    restored.rules = granted.rules.clone();
+    roles
+        .replace(&role, &PostParams::default(), &restored)
+        .await?;
+    gray.wait_status("web", "the rollout once writes go through", |s| {
+        phase(s) == "Completed" && ready_count(s) == 4 && s["updatedReplicas"] == 4
+    })
+    .await?;
+    let status = gray.status("web").await?;
+    assert_eq!(condition(&status, "Stalled").as_deref(), Some("False"));
     Ok(())
 }
 

@@ -22,6 +22,7 @@ use crate::api::{
     ANNOTATION_IN_PLACE, GrayApp, LABEL_APP, LABEL_INSTANCE, LABEL_REVISION, READINESS_GATE,
 };
 use crate::model::{InPlaceRecord, Ordinal};
+use crate::plan::MetadataChange;
 use crate::revision::Revision;
 
 pub use crate::model::pod_name;
@@ -132,23 +133,25 @@ pub fn controller_revision(
     })
 }
 
-/// The in-place update: new images, the revision label and the update record, in one write.
+/// The in-place update: new images, the template's labels and annotations, the revision
+/// label and the update record, in one write.
 pub fn in_place_patch(
     uid: &str,
     revision: &str,
     images: &BTreeMap<String, String>,
+    metadata: &MetadataChange,
     record: &InPlaceRecord,
 ) -> Result<Value, serde_json::Error> {
     let containers: Vec<Value> = images
         .iter()
         .map(|(name, image)| json!({"name": name, "image": image}))
         .collect();
+    let mut labels = serde_json::to_value(&metadata.labels)?;
+    labels[LABEL_REVISION] = json!(revision);
+    let mut annotations = serde_json::to_value(&metadata.annotations)?;
+    annotations[ANNOTATION_IN_PLACE] = json!(serde_json::to_string(record)?);
     Ok(json!({
-        "metadata": {
-            "uid": uid,
-            "labels": {LABEL_REVISION: revision},
-            "annotations": {ANNOTATION_IN_PLACE: serde_json::to_string(record)?},
-        },
+        "metadata": {"uid": uid, "labels": labels, "annotations": annotations},
         "spec": {"containers": containers},
     }))
 }
@@ -252,11 +255,41 @@ mod tests {
     }
 
     #[test]
+    fn an_in_place_patch_sets_the_templates_labels_and_removes_those_it_dropped() {
+        let metadata = MetadataChange {
+            labels: [
+                ("track".to_string(), Some("canary".to_string())),
+                ("old".to_string(), None),
+            ]
+            .into(),
+            annotations: [("team".to_string(), Some("ocr".to_string()))].into(),
+        };
+        let patch = in_place_patch(
+            "u1",
+            "ocr-r2",
+            &BTreeMap::new(),
+            &metadata,
+            &InPlaceRecord::default(),
+        )
+        .expect("serialises");
+        let labels = &patch["metadata"]["labels"];
+        assert_eq!(labels["track"], "canary");
+        assert!(
+            labels["old"].is_null() && labels.get("old").is_some(),
+            "null removes it"
+        );
+        assert_eq!(labels[LABEL_REVISION], "ocr-r2");
+        assert_eq!(patch["metadata"]["annotations"]["team"], "ocr");
+        assert!(patch["metadata"]["annotations"][ANNOTATION_IN_PLACE].is_string());
+    }
+
+    #[test]
     fn patches_guard_on_uid() {
         let patch = in_place_patch(
             "u1",
             "ocr-r2",
             &[("ocr".to_string(), "ocr:v8".to_string())].into(),
+            &MetadataChange::default(),
             &InPlaceRecord::default(),
         )
         .expect("serialises");

@@ -79,6 +79,9 @@ pub enum Action {
         uid: String,
         revision: String,
         images: BTreeMap<String, String>,
+        /// The target template's pod labels and annotations: set, or (`None`) removed where
+        /// the template the pod came from had them and the target does not.
+        metadata: MetadataChange,
         record: InPlaceRecord,
     },
     /// Set the readiness gate True: the new container is Ready.
@@ -95,6 +98,13 @@ impl Action {
             | Action::PutInService { ordinal, .. } => *ordinal,
         }
     }
+}
+
+/// Pod labels and annotations an in-place update sets (`Some`) or removes (`None`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetadataChange {
+    pub labels: BTreeMap<String, Option<String>>,
+    pub annotations: BTreeMap<String, Option<String>>,
 }
 
 /// Why a pod is deleted.

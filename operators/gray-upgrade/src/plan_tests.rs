@@ -576,6 +576,39 @@ fn creating_an_app_reports_no_empty_batch() {
 }
 
 #[test]
+fn a_label_change_reaches_the_pods_in_place() {
+    let mut world = ocr_world(batches(Vec::new(), Promotion::Auto, 25));
+    let mut relabelled = template("ocr:v7", None);
+    if let Some(meta) = relabelled.metadata.as_mut() {
+        meta.labels = Some(
+            [
+                ("app".to_string(), "ocr".to_string()),
+                ("tier".to_string(), "gold".to_string()),
+            ]
+            .into(),
+        );
+    }
+    world.set_template(relabelled);
+    let plan = world.plan();
+    let patched: Vec<&Action> = plan
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::PatchInPlace { .. }))
+        .collect();
+    assert_eq!(patched.len(), 25, "{:?}", plan.actions);
+    for action in patched {
+        let Action::PatchInPlace {
+            metadata, images, ..
+        } = action
+        else {
+            continue;
+        };
+        assert!(images.is_empty(), "no image changes");
+        assert_eq!(metadata.labels.get("tier"), Some(&Some("gold".to_string())));
+    }
+}
+
+#[test]
 fn without_approval_the_rollout_waits() {
     let mut world = ocr_world(batches(
         vec![instances(&[1]), Batch::default()],

@@ -2,7 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Acted, Action, DeleteReason, NoteReason, Planner, Sets, max_unavailable};
+use super::{
+    Acted, Action, DeleteReason, MetadataChange, NoteReason, Planner, Sets, max_unavailable,
+};
 use crate::api::{RolloutStatus, UpdateMethod};
 use crate::model::{ContainerBaseline, InPlaceRecord, Ordinal, PodView, Seconds, same_image};
 use crate::revision::{Revision, in_place_compatible};
@@ -32,7 +34,7 @@ enum Decision {
     Act(Action),
     /// Two actions, in this order: out of service, then patched, when there is no grace
     /// period to wait out between them.
-    ActInOrder(Action, Action),
+    ActInOrder(Box<(Action, Action)>),
     /// The budget, a pause or failing writes keep it where it is for now.
     HeldBack,
     /// Its in-place record cannot be read: it stays out of service.
@@ -87,7 +89,10 @@ impl<'a> Planner<'a> {
             let target = self.target(rollout, &sets, &acted.failed, ordinal);
             match self.decide(ordinal, target, &mut budget, &mut compatible) {
                 Decision::Act(action) => acted.actions.push(action),
-                Decision::ActInOrder(first, then) => acted.actions.extend([first, then]),
+                Decision::ActInOrder(pair) => {
+                    let (first, then) = *pair;
+                    acted.actions.extend([first, then]);
+                }
                 Decision::HeldBack => acted.held_back += 1,
                 Decision::Unreadable => {
                     acted.unreadable.insert(ordinal);
@@ -151,7 +156,9 @@ impl<'a> Planner<'a> {
             if input.spec.update.grace_period_seconds > 0 {
                 return Decision::Act(out);
             }
-            return Decision::ActInOrder(out, patch_in_place(pod, target, to, input.now));
+            let from = self.revision_of(pod);
+            let patch = patch_in_place(pod, target, from, to, input.now);
+            return Decision::ActInOrder(Box::new((out, patch)));
         }
         if input.hold_writes {
             // Out of service, waiting for a write that is failing: serve meanwhile.
@@ -173,7 +180,14 @@ impl<'a> Planner<'a> {
             self.requeue_in(grace_ends - input.now);
             return Decision::Nothing;
         }
-        Decision::Act(patch_in_place(pod, target, to, input.now))
+        let from = self.revision_of(pod);
+        Decision::Act(patch_in_place(pod, target, from, to, input.now))
+    }
+
+    fn revision_of(&self, pod: &PodView) -> Option<&'a Revision> {
+        pod.revision
+            .as_ref()
+            .and_then(|r| self.input.revisions.get(r))
     }
 
     /// Whether the move from the pod's revision to `to` can happen in place. Comparing two
@@ -249,7 +263,13 @@ fn back_in_service(pod: &PodView) -> Decision {
 /// The in-place move of `pod` to `to`: the images that differ (compared as the runtime
 /// resolves them), and a restart baseline for every container, so that only restarts after the
 /// update count against it.
-fn patch_in_place(pod: &PodView, revision: String, to: &Revision, now: Seconds) -> Action {
+fn patch_in_place(
+    pod: &PodView,
+    revision: String,
+    from: Option<&Revision>,
+    to: &Revision,
+    now: Seconds,
+) -> Action {
     let wanted = to.images();
     let images: BTreeMap<String, String> = wanted
         .iter()
@@ -291,6 +311,36 @@ fn patch_in_place(pod: &PodView, revision: String, to: &Revision, now: Seconds) 
         uid: pod.uid.clone(),
         revision,
         images,
+        metadata: metadata_change(from, to),
         record,
+    }
+}
+
+/// The target template's labels and annotations, and removals of those the pod's template
+/// had that the target does not (others' labels on the pod are left alone).
+fn metadata_change(from: Option<&Revision>, to: &Revision) -> MetadataChange {
+    let of = |revision: Option<&Revision>| {
+        let meta = revision.and_then(|r| r.template.metadata.as_ref());
+        (
+            meta.and_then(|m| m.labels.clone()).unwrap_or_default(),
+            meta.and_then(|m| m.annotations.clone()).unwrap_or_default(),
+        )
+    };
+    let (old_labels, old_annotations) = of(from);
+    let (new_labels, new_annotations) = of(Some(to));
+    let change = |old: BTreeMap<String, String>, new: BTreeMap<String, String>| {
+        let removed = old
+            .into_keys()
+            .filter(|k| !new.contains_key(k))
+            .map(|k| (k, None))
+            .collect::<Vec<_>>();
+        new.into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .chain(removed)
+            .collect()
+    };
+    MetadataChange {
+        labels: change(old_labels, new_labels),
+        annotations: change(old_annotations, new_annotations),
     }
 }

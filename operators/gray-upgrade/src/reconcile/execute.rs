@@ -115,10 +115,11 @@ impl Executor<'_> {
                 uid,
                 revision,
                 images,
+                metadata,
                 record,
                 ..
             } => {
-                let patch = objects::in_place_patch(uid, revision, images, record)
+                let patch = objects::in_place_patch(uid, revision, images, metadata, record)
                     .map_err(|err| unserialisable(Written::Pods, &pod, &err))?;
                 self.pods()
                     .patch(&pod, &self.patch_params(), &Patch::Strategic(patch))

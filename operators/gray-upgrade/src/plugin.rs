@@ -1,5 +1,5 @@
-//! The pure parts of `kubectl gantry`: reading instance lists and image flags, and the tables
-//! it prints.
+//! The pure parts of `kubectl gantry`: reading instance lists and image flags, the tables it
+//! prints, and how it words errors.
 
 use std::collections::BTreeMap;
 
@@ -54,6 +54,65 @@ pub fn parse_images(flags: &[String]) -> Result<BTreeMap<String, String>, String
                 .ok_or_else(|| format!("--image {f:?}: expected CONTAINER=IMAGE"))
         })
         .collect()
+}
+
+/// An error and its causes on one line, each said once: a cause whose text its parent already
+/// shows is left out, and a Kubernetes API error reads as the API server's message and code
+/// (the client's own rendering of it repeats the message and dumps the whole response).
+pub fn error_message(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(kube::Error::Api(status)) = e.downcast_ref::<kube::Error>() {
+            parts.push(api_status(status));
+            break;
+        }
+        let text = e.to_string();
+        if !text.is_empty() && !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+/// An API server's answer as a person reads it: its message, then its code and reason.
+pub fn api_status(status: &kube::core::Status) -> String {
+    let code = match (status.code, status.reason.as_str()) {
+        (0, "") => String::new(),
+        (0, reason) => format!(" ({reason})"),
+        (code, "") => format!(" ({code})"),
+        (code, reason) => format!(" ({code} {reason})"),
+    };
+    if status.message.is_empty() {
+        format!("the API server refused the request{code}")
+    } else {
+        format!("{}{code}", status.message)
+    }
+}
+
+/// The GrayApp a command names does not exist.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("grayapp {app:?} not found in namespace {namespace:?}")]
+pub struct AppNotFound {
+    pub app: String,
+    pub namespace: String,
+}
+
+/// Whether `err` says that the GrayApp `app` does not exist (rather than, say, that the API
+/// server does not know GrayApps at all: that 404 names no object).
+pub fn app_not_found(err: &kube::Error, app: &str, namespace: &str) -> Option<AppNotFound> {
+    match err {
+        kube::Error::Api(status)
+            if status.is_not_found() && status.details.as_ref().is_some_and(|d| d.name == app) =>
+        {
+            Some(AppNotFound {
+                app: app.to_string(),
+                namespace: namespace.to_string(),
+            })
+        }
+        _ => None,
+    }
 }
 
 /// Left-aligned columns.
@@ -138,6 +197,69 @@ mod tests {
         );
         assert!(parse_images(&["ocr:v8".into()]).is_err());
         assert!(parse_images(&["=x".into()]).is_err());
+    }
+
+    fn not_found() -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status {
+            status: Some(kube::core::response::StatusSummary::Failure),
+            code: 404,
+            message: r#"grayapps.apps.gantry.dev "ocr" not found"#.into(),
+            reason: "NotFound".into(),
+            details: Some(kube::core::response::StatusDetails {
+                name: "ocr".into(),
+                group: "apps.gantry.dev".into(),
+                kind: "grayapps".into(),
+                uid: String::new(),
+                causes: Vec::new(),
+                retry_after_seconds: 0,
+            }),
+            metadata: None,
+        }))
+    }
+
+    #[test]
+    fn an_api_error_reads_once_with_its_code() {
+        let err = anyhow::Error::new(not_found()).context("reading GrayApp ocr");
+        // What `{:#}` printed: the client's text for the error, then its source's, repeating
+        // the message three times.
+        assert_eq!(format!("{err:#}").matches("not found").count(), 3);
+        let message = error_message(err.as_ref());
+        assert_eq!(
+            message,
+            r#"reading GrayApp ocr: grayapps.apps.gantry.dev "ocr" not found (404 NotFound)"#
+        );
+        assert_eq!(message.matches("not found").count(), 1, "{message}");
+    }
+
+    #[test]
+    fn a_cause_its_parent_already_shows_is_left_out() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connecting: {0}")]
+        struct Outer(#[source] std::io::Error);
+        let err = anyhow::Error::new(Outer(std::io::Error::other("refused"))).context("step");
+        assert_eq!(error_message(err.as_ref()), "step: connecting: refused");
+    }
+
+    #[test]
+    fn a_missing_app_is_named_with_its_namespace() {
+        let missing = app_not_found(&not_found(), "ocr", "default").expect("recognised");
+        assert_eq!(
+            missing.to_string(),
+            r#"grayapp "ocr" not found in namespace "default""#
+        );
+        assert_eq!(app_not_found(&not_found(), "web", "default"), None);
+        // The API server not knowing GrayApps at all is another error.
+        let no_crd = kube::Error::Api(Box::new(kube::core::Status {
+            code: 404,
+            message: "the server could not find the requested resource".into(),
+            reason: "NotFound".into(),
+            ..kube::core::Status::default()
+        }));
+        assert_eq!(app_not_found(&no_crd, "ocr", "default"), None);
+        assert_eq!(
+            error_message(&no_crd),
+            "the server could not find the requested resource (404 NotFound)"
+        );
     }
 
     #[test]

@@ -12,7 +12,9 @@ use gray_upgrade::api::{
 use gray_upgrade::model::Instances;
 use gray_upgrade::observe::{LeanPod, instances};
 use gray_upgrade::plan::{Input, preview};
-use gray_upgrade::plugin::{parse_images, parse_instances, status_table, table};
+use gray_upgrade::plugin::{
+    app_not_found, error_message, parse_images, parse_instances, status_table, table,
+};
 use gray_upgrade::revision::{Revision, Wanted, images, with_images};
 use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::PodTemplateSpec;
@@ -81,7 +83,7 @@ async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_message(err.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -96,17 +98,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_string());
     let apps: Api<GrayApp> = Api::namespaced(client.clone(), &namespace);
-    let get = |name: String| {
-        let apps = apps.clone();
-        async move {
-            apps.get(&name)
-                .await
-                .with_context(|| format!("reading GrayApp {name}"))
-        }
-    };
     let params = PatchParams {
         field_manager: Some(MANAGER.into()),
         ..PatchParams::default()
+    };
+    let get = |name: String| {
+        let apps = apps.clone();
+        let namespace = namespace.clone();
+        async move {
+            apps.get(&name)
+                .await
+                .map_err(|e| match app_not_found(&e, &name, &namespace) {
+                    Some(missing) => missing.into(),
+                    None => anyhow::Error::new(e).context(format!("reading GrayApp {name}")),
+                })
+        }
+    };
+    // A change to the app; a missing app is named with its namespace.
+    let patch = |name: &str, patch: serde_json::Value| {
+        let (apps, params) = (apps.clone(), params.clone());
+        let (name, namespace) = (name.to_string(), namespace.clone());
+        async move {
+            apps.patch(&name, &params, &Patch::Merge(patch))
+                .await
+                .map_err(|e| about_app(e, &name, &namespace))
+        }
     };
     match cli.verb {
         Verb::Upgrade {
@@ -143,8 +159,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 current.spec.update.batches.clone()
             };
             batches.push(batch);
-            let patch = json!({"spec": {"template": template, "update": {"batches": batches}}});
-            apps.patch(&app, &params, &Patch::Merge(patch)).await?;
+            patch(
+                &app,
+                json!({"spec": {"template": template, "update": {"batches": batches}}}),
+            )
+            .await?;
             let name = Revision::new(&app, template).name;
             if new_revision {
                 println!(
@@ -172,40 +191,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let value = format!("{}/{}", rollout.revision, rollout.batch);
-            apps.patch(
+            patch(
                 &app,
-                &params,
-                &Patch::Merge(json!({"metadata": {"annotations": {ANNOTATION_APPROVE: value}}})),
+                json!({"metadata": {"annotations": {ANNOTATION_APPROVE: value}}}),
             )
             .await?;
             println!("{app}: batch {} approved", rollout.batch + 2);
         }
         Verb::Pause { app } => {
-            apps.patch(
-                &app,
-                &params,
-                &Patch::Merge(json!({"spec": {"update": {"paused": true}}})),
-            )
-            .await?;
+            patch(&app, json!({"spec": {"update": {"paused": true}}})).await?;
             println!("{app}: paused");
         }
         Verb::Resume { app } => {
-            apps.patch(
-                &app,
-                &params,
-                &Patch::Merge(json!({"spec": {"update": {"paused": false}}})),
-            )
-            .await?;
+            patch(&app, json!({"spec": {"update": {"paused": false}}})).await?;
             println!("{app}: resumed");
         }
         Verb::Abort { app } => {
             let current = get(app.clone()).await?;
             // From the spec, not status: status may not have caught up with the last change.
             let revision = Revision::new(&app, current.spec.template.clone()).name;
-            apps.patch(
+            patch(
                 &app,
-                &params,
-                &Patch::Merge(json!({"metadata": {"annotations": {ANNOTATION_ABORT: revision}}})),
+                json!({"metadata": {"annotations": {ANNOTATION_ABORT: revision}}}),
             )
             .await?;
             println!(
@@ -221,8 +228,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| {
                         format!("revision {} holds no pod template", target.name_any())
                     })?;
-            let patch = json!({"spec": {"template": template, "update": {"batches": []}}});
-            apps.patch(&app, &params, &Patch::Merge(patch)).await?;
+            patch(
+                &app,
+                json!({"spec": {"template": template, "update": {"batches": []}}}),
+            )
+            .await?;
             println!(
                 "{app}: template returned to {} (revision {}); instances move back maxUnavailable at a time",
                 target.name_any(),
@@ -335,6 +345,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A failed request about the GrayApp `app`; "not found" names the app and its namespace.
+fn about_app(err: kube::Error, app: &str, namespace: &str) -> anyhow::Error {
+    match app_not_found(&err, app, namespace) {
+        Some(missing) => missing.into(),
+        None => err.into(),
+    }
 }
 
 async fn revisions(

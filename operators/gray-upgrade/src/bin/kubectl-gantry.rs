@@ -11,9 +11,9 @@ use gray_upgrade::api::{
 };
 use gray_upgrade::model::Instances;
 use gray_upgrade::observe::{LeanPod, instances};
-use gray_upgrade::plan::{Input, preview};
+use gray_upgrade::plan::Input;
 use gray_upgrade::plugin::{
-    app_not_found, error_message, parse_images, parse_instances, status_table, table,
+    app_not_found, error_message, parse_images, parse_instances, plan_lines, status_table, table,
 };
 use gray_upgrade::revision::{Revision, Wanted, images, with_images};
 use k8s_openapi::api::apps::v1::ControllerRevision;
@@ -323,24 +323,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join(",")
             );
-            for (i, members) in preview(&input).iter().enumerate() {
-                let list: Vec<String> = members
-                    .iter()
-                    .map(|o| {
-                        format!(
-                            "{app}-{o}@{}",
-                            pods.get(o)
-                                .and_then(|p| p.node.clone())
-                                .unwrap_or_else(|| "-".into())
-                        )
-                    })
-                    .collect();
-                println!(
-                    "batch {}: {} instance(s) {}",
-                    i + 1,
-                    members.len(),
-                    list.join(" ")
-                );
+            for line in plan_lines(&app, &input) {
+                println!("{line}");
             }
         }
     }

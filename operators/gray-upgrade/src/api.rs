@@ -71,6 +71,7 @@ pub fn crd()
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Updated","type":"integer","jsonPath":".status.updatedReplicas"}"#,
     printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.updateRevision"}"#,
+    printcolumn = r#"{"name":"Images","type":"string","jsonPath":".status.images"}"#,
     printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.phase"}"#,
     printcolumn = r#"{"name":"Batch","type":"string","jsonPath":".status.rollout.batchProgress"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
@@ -401,6 +402,12 @@ pub struct GrayAppStatus {
     /// Each revision instances run, with its images and which instances run it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revisions: Vec<RevisionStatus>,
+    /// The images instances run and how many run each, the most common first: at most two,
+    /// then how many others (`ocr:v8 (20), ocr:v7 (5)`; with several containers, those that
+    /// differ: `ocr=ocr:v8,proxy=envoy:1.30 (3)`). For kubectl get; revisions has the full
+    /// references.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub images: String,
     /// Progress of the rollout to updateRevision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,

@@ -88,6 +88,20 @@ fn crd_has_scale_subresource_for_kubectl_scale_and_hpa() {
 }
 
 #[test]
+fn kubectl_get_shows_the_images_instances_run() {
+    let crd = crate::api::crd();
+    let columns = crd.spec.versions[0]
+        .additional_printer_columns
+        .as_ref()
+        .expect("printer columns");
+    let images = columns
+        .iter()
+        .find(|c| c.name == "Images")
+        .expect("an Images column");
+    assert_eq!(images.json_path, ".status.images");
+}
+
+#[test]
 fn the_ocr_plan_is_accepted() {
     let object = app(json!({"update": {
         "maxUnavailable": 3,

@@ -74,7 +74,7 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
             by_revision.entry(r.as_str()).or_default().insert(*o);
         }
     }
-    let revisions = by_revision
+    let revisions: Vec<RevisionStatus> = by_revision
         .iter()
         .map(|(name, set)| RevisionStatus {
             name: (*name).to_string(),
@@ -144,6 +144,7 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
             .plan
             .and_then(|p| p.current_revision.clone())
             .or_else(|| input.previous.current_revision.clone()),
+        images: images_summary(&revisions),
         revisions,
         rollout: input
             .plan
@@ -153,6 +154,102 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
     };
     set_conditions(&mut status, input, desired.len(), ready);
     status
+}
+
+/// How many image sets [`images_summary`] names; the rest it counts.
+pub const IMAGES_SHOWN: usize = 2;
+/// The longest one image set reads in [`images_summary`], in characters.
+const IMAGE_LABEL_MAX: usize = 48;
+
+/// What the instances run, for `kubectl get`: each set of images with how many instances run
+/// it, the most common first, at most [`IMAGES_SHOWN`] of them and then how many others
+/// (`ocr:v8 (20), ocr:v7 (4), +1 more`). An image reads as its last path segment
+/// (`registry/team/ocr:v8` as `ocr:v8`, a digest cut to 12 characters). With several
+/// containers only those whose images differ between revisions are named (`ocr=ocr:v8`); a
+/// revision whose images are unknown reads as its name.
+pub fn images_summary(revisions: &[RevisionStatus]) -> String {
+    let containers: BTreeSet<&str> = revisions
+        .iter()
+        .flat_map(|r| r.images.keys().map(String::as_str))
+        .collect();
+    let differing: Vec<&str> = containers
+        .iter()
+        .copied()
+        .filter(|c| {
+            revisions
+                .iter()
+                .filter(|r| !r.images.is_empty())
+                .map(|r| r.images.get(*c))
+                .collect::<BTreeSet<_>>()
+                .len()
+                > 1
+        })
+        .collect();
+    let named: Vec<&str> = if differing.is_empty() {
+        containers.iter().copied().collect()
+    } else {
+        differing
+    };
+    // Revisions that run the same images (they differ elsewhere) count together.
+    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+    for r in revisions {
+        let label = if r.images.is_empty() {
+            r.name.clone()
+        } else if containers.len() == 1 {
+            r.images.values().map(|i| short_image(i)).collect()
+        } else {
+            named
+                .iter()
+                .map(|c| {
+                    let image = r.images.get(*c).map_or("-".into(), |i| short_image(i));
+                    format!("{c}={image}")
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        *counts.entry(label).or_default() += i64::from(r.count);
+    }
+    let mut sets: Vec<(String, i64)> = counts.into_iter().collect();
+    sets.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut parts: Vec<String> = sets
+        .iter()
+        .take(IMAGES_SHOWN)
+        .map(|(label, count)| format!("{} ({count})", bounded(label)))
+        .collect();
+    if sets.len() > IMAGES_SHOWN {
+        parts.push(format!("+{} more", sets.len() - IMAGES_SHOWN));
+    }
+    parts.join(", ")
+}
+
+/// `registry.example.com:5000/team/ocr:v8` as `ocr:v8`; `ocr@sha256:<64 hex>` keeps 12 of them.
+fn short_image(image: &str) -> String {
+    let (name, digest) = match image.split_once('@') {
+        Some((name, digest)) => (name, Some(digest)),
+        None => (image, None),
+    };
+    let last = name.rsplit('/').next().unwrap_or(name);
+    match digest {
+        Some(digest) => {
+            let (algorithm, hex) = digest.split_once(':').unwrap_or(("", digest));
+            let hex: String = hex.chars().take(12).collect();
+            if algorithm.is_empty() {
+                format!("{last}@{hex}")
+            } else {
+                format!("{last}@{algorithm}:{hex}")
+            }
+        }
+        None => last.to_string(),
+    }
+}
+
+fn bounded(label: &str) -> String {
+    if label.chars().count() <= IMAGE_LABEL_MAX {
+        return label.to_string();
+    }
+    let mut out: String = label.chars().take(IMAGE_LABEL_MAX - 1).collect();
+    out.push('…');
+    out
 }
 
 /// The selector as the scale subresource carries it to an HPA: expressions included.
@@ -353,6 +450,112 @@ mod tests {
         assert_eq!(status.label_selector, "app=ocr");
         assert_eq!(status.instances.len(), 3);
         assert_eq!(status.observed_generation, Some(2));
+    }
+
+    fn revision(name: &str, images: &[(&str, &str)], count: i32) -> RevisionStatus {
+        RevisionStatus {
+            name: name.into(),
+            variant: None,
+            images: images
+                .iter()
+                .map(|(c, i)| (c.to_string(), i.to_string()))
+                .collect(),
+            count,
+            instances: String::new(),
+        }
+    }
+
+    #[test]
+    fn status_names_the_images_instances_run_with_their_counts() {
+        let spec = spec(25);
+        let pods: BTreeMap<_, _> = (0..25)
+            .map(|o| {
+                (
+                    o,
+                    Arc::new(running(o, if o < 5 { "ocr-a" } else { "ocr-b" })),
+                )
+            })
+            .collect();
+        let template = |image: &str| {
+            serde_json::from_value(serde_json::json!({
+                "spec": {"containers": [{"name": "ocr", "image": image}]}
+            }))
+            .expect("valid template")
+        };
+        let revisions: BTreeMap<String, Revision> = [
+            ("ocr-a", "registry.example.com/vision/ocr:v7"),
+            ("ocr-b", "registry.example.com/vision/ocr:v8"),
+        ]
+        .into_iter()
+        .map(|(name, image)| {
+            (
+                name.to_string(),
+                Revision {
+                    name: name.into(),
+                    template: template(image),
+                },
+            )
+        })
+        .collect();
+        let now = now();
+        let status = build(&StatusInput {
+            app: "ocr",
+            generation: None,
+            spec: &spec,
+            previous: &GrayAppStatus::default(),
+            pods: &pods,
+            revisions: &revisions,
+            variant_names: &BTreeMap::new(),
+            update_revision: "ocr-b",
+            plan: None,
+            invalid: None,
+            now: &now,
+        });
+        assert_eq!(status.images, "ocr:v8 (20), ocr:v7 (5)");
+    }
+
+    #[test]
+    fn the_images_summary_stays_short_with_many_revisions() {
+        let revisions: Vec<RevisionStatus> = (0..40)
+            .map(|n| revision(&format!("ocr-{n}"), &[("ocr", &format!("ocr:v{n}"))], n + 1))
+            .collect();
+        assert_eq!(
+            images_summary(&revisions),
+            "ocr:v39 (40), ocr:v38 (39), +38 more"
+        );
+        let long = "registry.example.com/vision/an-image-whose-name-goes-on-and-on-and-on:v1";
+        let summary = images_summary(&[revision("ocr-a", &[("ocr", long)], 1)]);
+        assert!(summary.chars().count() <= IMAGE_LABEL_MAX + 4, "{summary}");
+        assert_eq!(images_summary(&[]), "");
+    }
+
+    #[test]
+    fn with_several_containers_the_summary_names_those_that_differ() {
+        let revisions = [
+            revision("ocr-a", &[("ocr", "ocr:v8"), ("proxy", "envoy:1.30")], 3),
+            revision("ocr-b", &[("ocr", "ocr:v7"), ("proxy", "envoy:1.30")], 22),
+            revision("ocr-c", &[], 1),
+        ];
+        assert_eq!(
+            images_summary(&revisions),
+            "ocr=ocr:v7 (22), ocr=ocr:v8 (3), +1 more"
+        );
+        let same = [revision(
+            "ocr-a",
+            &[("ocr", "ocr:v8"), ("proxy", "envoy:1.30")],
+            25,
+        )];
+        assert_eq!(images_summary(&same), "ocr=ocr:v8,proxy=envoy:1.30 (25)");
+        // Two revisions with the same images (they differ in a label) count together.
+        let twins = [
+            revision("ocr-a", &[("ocr", "ocr:v8")], 20),
+            revision("ocr-b", &[("ocr", "ocr:v8")], 5),
+        ];
+        assert_eq!(images_summary(&twins), "ocr:v8 (25)");
+        assert_eq!(
+            short_image("ocr@sha256:0123456789abcdef0123456789abcdef"),
+            "ocr@sha256:0123456789ab"
+        );
     }
 
     #[test]

@@ -411,7 +411,9 @@ pub struct GrayAppStatus {
     /// Progress of the rollout to updateRevision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
-    /// One line per instance (up to 256; beyond that only instances that are not steady).
+    /// The instances that are not steady, i.e. not Running on the revision they should run
+    /// (being updated, unready, missing, or on another revision): at most 32, those not Running
+    /// first. Where every instance runs, revisions says with its ordinal ranges.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<InstanceStatus>,
 }

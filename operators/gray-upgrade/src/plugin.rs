@@ -256,7 +256,59 @@ fn instance_list(app: &str, members: &[Ordinal], pods: &Instances, failed: &[Ord
         .join(" ")
 }
 
-/// The per-instance table of `kubectl gantry status`.
+/// What `kubectl gantry status` prints below the rollout line: where every instance runs (each
+/// revision with its images and ordinal ranges), then a row for each instance that is not
+/// steady (not Running on the revision it should run), as status lists them.
+pub fn status_report(app: &str, status: &GrayAppStatus) -> String {
+    let revisions: Vec<Vec<String>> = status
+        .revisions
+        .iter()
+        .map(|r| {
+            let images = r
+                .images
+                .iter()
+                .map(|(c, i)| format!("{c}={i}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let role = if status.update_revision.as_deref() == Some(r.name.as_str()) {
+                "template".to_string()
+            } else {
+                r.variant
+                    .as_ref()
+                    .map(|v| format!("variant {v}"))
+                    .unwrap_or_default()
+            };
+            vec![
+                r.name.clone(),
+                images,
+                r.count.to_string(),
+                r.instances.clone(),
+                role,
+            ]
+        })
+        .collect();
+    let mut out = vec![table(
+        &["REVISION", "IMAGES", "COUNT", "INSTANCES", ""],
+        &revisions,
+    )];
+    out.push(String::new());
+    if status.instances.is_empty() {
+        out.push("every instance is Running on the revision it should run".into());
+    } else {
+        out.push(status_table(status));
+        if status.instances.len() >= crate::status::INSTANCE_TABLE_LIMIT {
+            out.push(format!(
+                "(status lists at most {} instances that are not steady; \
+                 `kubectl get pods -l {}={app}` shows every one)",
+                crate::status::INSTANCE_TABLE_LIMIT,
+                crate::api::LABEL_APP
+            ));
+        }
+    }
+    out.join("\n")
+}
+
+/// The table of instances status lists (those not steady).
 pub fn status_table(status: &GrayAppStatus) -> String {
     let rows: Vec<Vec<String>> = status
         .instances
@@ -562,6 +614,55 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn status_shows_where_every_instance_runs_and_rows_only_for_those_not_steady() {
+        use crate::api::{InstanceStatus, RevisionStatus};
+        let revision = |name: &str, image: &str, count: i32, instances: &str| RevisionStatus {
+            name: name.into(),
+            variant: None,
+            images: [("ocr".to_string(), image.to_string())].into(),
+            count,
+            instances: instances.into(),
+        };
+        let mut status = GrayAppStatus {
+            update_revision: Some("ocr-b".into()),
+            revisions: vec![
+                revision("ocr-a", "ocr:v7", 22, "0-1,3-4,6-10,12-24"),
+                revision("ocr-b", "ocr:v8", 3, "2,5,11"),
+            ],
+            ..GrayAppStatus::default()
+        };
+        assert_eq!(
+            status_report("ocr", &status),
+            [
+                "REVISION  IMAGES      COUNT  INSTANCES           ",
+                "ocr-a     ocr=ocr:v7  22     0-1,3-4,6-10,12-24",
+                "ocr-b     ocr=ocr:v8  3      2,5,11              template",
+                "",
+                "every instance is Running on the revision it should run",
+            ]
+            .map(str::trim_end)
+            .join("\n")
+        );
+        status.instances = vec![InstanceStatus {
+            name: "ocr-5".into(),
+            revision: Some("ocr-b".into()),
+            images: "ocr=ocr:v8".into(),
+            ready: false,
+            state: "Updating".into(),
+            node: Some("gpu-2".into()),
+            last_transition_time: None,
+        }];
+        let report = status_report("ocr", &status);
+        assert!(
+            report.ends_with(
+                "INSTANCE  REVISION  IMAGES      READY  STATE     NODE   SINCE\n\
+                 ocr-5     ocr-b     ocr=ocr:v8  no     Updating  gpu-2"
+            ),
+            "{report}"
+        );
     }
 
     #[test]

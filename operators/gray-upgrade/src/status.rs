@@ -11,8 +11,8 @@ use crate::model::{Instances, Ordinal, PodView, format_ranges, pod_name};
 use crate::plan::{Plan, desired_ordinals};
 use crate::revision::Revision;
 
-/// Up to this many instances, status lists every one; beyond, only those not steady.
-pub const FULL_TABLE_LIMIT: usize = 256;
+/// Status lists at most this many instances, and only those that are not steady.
+pub const INSTANCE_TABLE_LIMIT: usize = 32;
 
 pub const PROGRESSING: &str = "Progressing";
 pub const PAUSED: &str = "Paused";
@@ -95,17 +95,43 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
         .iter()
         .map(|i| (i.name.as_str(), i))
         .collect();
-    let full = desired.len() <= FULL_TABLE_LIMIT;
-    let mut instances = Vec::new();
+    // Only instances that are not steady are listed: steady means Running on the revision it
+    // should rest on (the template's, or its variant's). Those in flight or in trouble (not
+    // Running) come first when there are more than the table holds; then those merely on
+    // another revision. Where every instance runs, the revisions' ordinal ranges say.
+    let variant_of: BTreeMap<Ordinal, &str> = input
+        .spec
+        .variants
+        .iter()
+        .flat_map(|v| v.instances.iter().map(move |o| (*o, v.name.as_str())))
+        .collect();
+    let mut unsteady: Vec<(Ordinal, &'static str)> = Vec::new();
     for o in &desired {
         let pod = pods.get(o);
         let state = instance_state(pod.map(AsRef::as_ref));
-        let revision = pod.and_then(|p| p.revision.clone());
-        let steady = state == "Running" && revision.as_deref() == Some(input.update_revision);
-        if !full && (steady || instances.len() >= FULL_TABLE_LIMIT) {
-            continue;
+        let revision = pod.and_then(|p| p.revision.as_deref());
+        let at_rest = match variant_of.get(o) {
+            Some(variant) => revision
+                .and_then(|r| input.variant_names.get(r))
+                .is_some_and(|v| v == variant),
+            None => revision == Some(input.update_revision),
+        };
+        if !(state == "Running" && at_rest) {
+            unsteady.push((*o, state));
         }
-        let name = pod_name(input.app, *o);
+    }
+    let (busy, idle): (Vec<_>, Vec<_>) = unsteady.into_iter().partition(|(_, s)| *s != "Running");
+    let mut listed: Vec<(Ordinal, &'static str)> = busy
+        .into_iter()
+        .chain(idle)
+        .take(INSTANCE_TABLE_LIMIT)
+        .collect();
+    listed.sort_by_key(|(o, _)| *o);
+    let mut instances = Vec::new();
+    for (o, state) in listed {
+        let pod = pods.get(&o);
+        let revision = pod.and_then(|p| p.revision.clone());
+        let name = pod_name(input.app, o);
         let images = pod
             .map(|p| {
                 p.containers
@@ -448,7 +474,15 @@ mod tests {
             vec![("ocr-a", "0,2"), ("ocr-b", "1")]
         );
         assert_eq!(status.label_selector, "app=ocr");
-        assert_eq!(status.instances.len(), 3);
+        // Only the instance not on the template's revision has a row.
+        assert_eq!(
+            status
+                .instances
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["ocr-1"]
+        );
         assert_eq!(status.observed_generation, Some(2));
     }
 
@@ -619,10 +653,93 @@ mod tests {
         assert_eq!(status.revisions[0].instances, "0-999");
     }
 
+    fn status_of(
+        spec: &GrayAppSpec,
+        pods: &Instances,
+        variant_names: &BTreeMap<String, String>,
+    ) -> GrayAppStatus {
+        let now = now();
+        build(&StatusInput {
+            app: "ocr",
+            generation: None,
+            spec,
+            previous: &GrayAppStatus::default(),
+            pods,
+            revisions: &BTreeMap::new(),
+            variant_names,
+            update_revision: "ocr-a",
+            plan: None,
+            invalid: None,
+            now: &now,
+        })
+    }
+
+    fn names(status: &GrayAppStatus) -> Vec<String> {
+        status.instances.iter().map(|i| i.name.clone()).collect()
+    }
+
+    #[test]
+    fn a_healthy_app_lists_no_instance_its_revisions_show_where_each_runs() {
+        let pods: Instances = (0..25)
+            .map(|o| (o, Arc::new(running(o, "ocr-a"))))
+            .collect();
+        let status = status_of(&spec(25), &pods, &BTreeMap::new());
+        assert_eq!(status.instances, Vec::new());
+        assert_eq!(status.revisions[0].instances, "0-24");
+    }
+
+    #[test]
+    fn the_instance_table_is_bounded_and_lists_instances_in_flight_first() {
+        // Mid-rollout: 900 instances still on the old revision, 100 moved, 5 of them not Ready.
+        let pods: Instances = (0..1000)
+            .map(|o| {
+                let mut pod = running(o, if o < 900 { "ocr-old" } else { "ocr-a" });
+                pod.ready = !(950..955).contains(&o);
+                (o, Arc::new(pod))
+            })
+            .collect();
+        let status = status_of(&spec(1000), &pods, &BTreeMap::new());
+        let expected: Vec<String> = (0..27)
+            .chain(950..955)
+            .map(|o| format!("ocr-{o}"))
+            .collect();
+        assert_eq!(names(&status), expected);
+        assert_eq!(status.instances.len(), INSTANCE_TABLE_LIMIT);
+    }
+
+    #[test]
+    fn variant_instances_on_their_variant_revision_are_steady() {
+        let mut spec = spec(4);
+        spec.variants = vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "v8", "instances": [2], "images": {"ocr": "ocr:v8"}
+            }))
+            .expect("valid variant"),
+        ];
+        let variant_names: BTreeMap<String, String> = [("ocr-v8".into(), "v8".into())].into();
+        let pods: Instances = [
+            (0, running(0, "ocr-a")),
+            (1, running(1, "ocr-a")),
+            (2, running(2, "ocr-v8")),
+            // Not a v8 instance, yet on its revision.
+            (3, running(3, "ocr-v8")),
+        ]
+        .into_iter()
+        .map(|(o, p)| (o, Arc::new(p)))
+        .collect();
+        let status = status_of(&spec, &pods, &variant_names);
+        assert_eq!(names(&status), vec!["ocr-3"]);
+    }
+
     #[test]
     fn instance_transition_time_moves_only_on_change() {
         let spec = spec(1);
-        let pods: BTreeMap<_, _> = [(0, Arc::new(running(0, "ocr-a")))].into();
+        // Not Ready, so it has a row.
+        let unready = PodView {
+            ready: false,
+            ..running(0, "ocr-a")
+        };
+        let pods: BTreeMap<_, _> = [(0, Arc::new(unready))].into();
         let t1 = now();
         let input = |previous: &GrayAppStatus, now: &Time| {
             build(&StatusInput {

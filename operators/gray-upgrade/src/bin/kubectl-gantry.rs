@@ -13,7 +13,7 @@ use gray_upgrade::model::Instances;
 use gray_upgrade::observe::{LeanPod, instances};
 use gray_upgrade::plan::Input;
 use gray_upgrade::plugin::{
-    app_not_found, error_message, parse_images, parse_instances, plan_lines, status_table, table,
+    app_not_found, error_message, parse_images, parse_instances, plan_lines, status_report, table,
 };
 use gray_upgrade::revision::{Revision, Wanted, images, with_images};
 use k8s_openapi::api::apps::v1::ControllerRevision;
@@ -70,7 +70,8 @@ enum Verb {
         #[arg(long)]
         to: Option<String>,
     },
-    /// Per-instance table: revision, images, readiness, state, node.
+    /// Where every instance runs (revisions, their images and ordinals), and a row for each
+    /// instance not steady: revision, images, readiness, state, node.
     Status { app: String },
     /// Stored revisions, their images and which instances run them.
     History { app: String },
@@ -248,7 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     r.revision, r.phase, r.batch_progress, r.message
                 );
             }
-            println!("{}", status_table(&status));
+            println!("{}", status_report(&app, &status));
         }
         Verb::History { app } => {
             let current = get(app.clone()).await?;

@@ -1,14 +1,20 @@
-//! The generated CRD follows the conventions, and its CEL rules reject bad plans with
-//! specific messages (evaluated client-side with the same rules the API server runs).
+//! The published CRD follows the conventions, and its CEL rules reject bad plans with
+//! specific messages (evaluated client-side with the same rules the API server runs, against
+//! the very CRD `crds/gray-upgrade.yaml` holds).
 
-use kube::CustomResourceExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::core::cel::Validator;
 use serde_json::{Value, json};
 
-use crate::api::GrayApp;
+/// The CRD as published: what `make generate` wrote and the API server installs.
+const PUBLISHED: &str = include_str!("../../../crds/gray-upgrade.yaml");
+
+fn published() -> CustomResourceDefinition {
+    serde_yaml::from_str(PUBLISHED).expect("crds/gray-upgrade.yaml is a CRD")
+}
 
 fn schema() -> Value {
-    let crd = GrayApp::crd();
+    let crd = published();
     serde_json::to_value(
         crd.spec.versions[0]
             .schema
@@ -17,6 +23,29 @@ fn schema() -> Value {
             .expect("schema"),
     )
     .expect("serialises")
+}
+
+#[test]
+fn the_published_crd_is_what_the_operator_renders() {
+    // So the file cannot drift from the code, and the rules tested here are the ones installed.
+    let rendered =
+        gantry_kit::crd::to_yaml("gantry-gray-upgrade", &[crate::api::crd()]).expect("renders");
+    assert!(
+        rendered == PUBLISHED,
+        "crds/gray-upgrade.yaml is stale: run `cargo xtask generate`"
+    );
+}
+
+#[test]
+fn the_rules_are_checked_against_the_published_schema() {
+    // The published schema bounds the int-or-string fields (the derive's does not): the API
+    // server estimates the cost of their rules from that bound.
+    let update = &schema()["properties"]["spec"]["properties"]["update"]["properties"];
+    assert_eq!(update["maxUnavailable"]["maxLength"], json!(6));
+    assert_eq!(
+        update["batches"]["items"]["properties"]["count"]["maxLength"],
+        json!(6)
+    );
 }
 
 fn app(spec_extra: Value) -> Value {
@@ -74,7 +103,7 @@ fn crd_fits_client_side_apply() {
 
 #[test]
 fn crd_has_scale_subresource_for_kubectl_scale_and_hpa() {
-    let crd = GrayApp::crd();
+    let crd = published();
     let scale = crd.spec.versions[0]
         .subresources
         .as_ref()

@@ -891,8 +891,10 @@ async fn a_bad_plan_is_rejected_at_admission_and_harms_nothing() -> Result<()> {
         .expect_err("admission rejects the plan");
     let text = format!("{err:#}");
     assert!(text.contains("maxUnavailable must be at least 1"), "{text}");
+    // Each rejection names its field and the offending value.
     assert!(
-        text.contains("a batch names an instance ordinal this app does not have"),
+        text.contains("spec.update.batches")
+            && text.contains("instance 9 is not an ordinal of this app (0..2)"),
         "{text}"
     );
     // Every state the pods take for a while after the rejection: none moved.

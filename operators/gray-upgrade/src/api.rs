@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PodTemplateSpec};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
@@ -34,6 +35,61 @@ pub const READINESS_GATE: &str = "apps.gantry.dev/in-service";
 /// Fields holding embedded core types, documented by the core API (`kubectl explain pod`).
 pub const EMBEDDED: &[&str] = &["spec.template", "spec.volumeClaimTemplates"];
 
+// CEL shared by a rule and the message that names what broke it. Every rule names the field it
+// concerns (its place in the schema, or `fieldPath`) and, in its message, the offending value;
+// the messages pick that value with the negation of the rule's own condition. Costs stay near
+// the rules' own: the API server refuses rules whose estimated cost is too high.
+
+/// The ordinals an instance may have stay below this (spec scope).
+macro_rules! ordinal_bound {
+    () => {
+        "(self.replicas + (has(self.removeInstances) ? size(self.removeInstances) : 0))"
+    };
+}
+
+/// Whether ordinal `i` is an instance of the app (spec scope).
+macro_rules! is_instance {
+    () => {
+        concat!(
+            "(i < ",
+            ordinal_bound!(),
+            " && (!has(self.removeInstances) || !(i in self.removeInstances)))"
+        )
+    };
+}
+
+/// The app's ordinals, for a message (spec scope).
+macro_rules! ordinal_range {
+    () => {
+        concat!(
+            "(",
+            ordinal_bound!(),
+            " == 0 ? 'it has none' : '0..' + string(",
+            ordinal_bound!(),
+            " - 1))"
+        )
+    };
+}
+
+/// Whether the batch or variant instance `i` is named by more than one of `list` (`c` ranges
+/// over it).
+macro_rules! named_twice {
+    ($list:literal) => {
+        concat!(
+            "(",
+            $list,
+            ".filter(c, has(c.instances) && i in c.instances).size() > 1)"
+        )
+    };
+}
+
+/// A number, or a percentage from 1% to 100%, at least 1 (an int-or-string).
+macro_rules! positive_count {
+    () => {
+        "string(self).matches('^[0-9]+%?$') && int(string(self).replace('%', '')) > 0 && (!string(self).endsWith('%') || int(string(self).replace('%', '')) <= 100)"
+    };
+}
+
 /// The GrayApp CRD as published: nested descriptions of embedded core types removed.
 pub fn crd()
 -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
@@ -52,6 +108,23 @@ pub fn crd()
                     node.max_length = Some(6);
                 }
             }
+            // Declare metadata.name (the one metadata field a CRD may declare, with
+            // generateName, and without a description) so the name rule's fieldPath can
+            // point at it.
+            root.properties.get_or_insert_with(Default::default).insert(
+                "metadata".into(),
+                JSONSchemaProps {
+                    type_: Some("object".into()),
+                    properties: Some(BTreeMap::from([(
+                        "name".to_string(),
+                        JSONSchemaProps {
+                            type_: Some("string".into()),
+                            ..JSONSchemaProps::default()
+                        },
+                    )])),
+                    ..JSONSchemaProps::default()
+                },
+            );
         }
     }
     crd
@@ -71,16 +144,67 @@ pub fn crd()
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Updated","type":"integer","jsonPath":".status.updatedReplicas"}"#,
     printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.updateRevision"}"#,
+    printcolumn = r#"{"name":"Images","type":"string","jsonPath":".status.images"}"#,
     printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.phase"}"#,
     printcolumn = r#"{"name":"Batch","type":"string","jsonPath":".status.rollout.batchProgress"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas","labelSelectorPath":".status.labelSelector"}"#,
-    validation = Rule::new("!has(self.spec.update) || !has(self.spec.update.batches) || self.spec.update.batches.all(b, !has(b.instances) || b.instances.all(i, i < self.spec.replicas + (has(self.spec.removeInstances) ? size(self.spec.removeInstances) : 0) && (!has(self.spec.removeInstances) || !(i in self.spec.removeInstances))))").message("a batch names an instance ordinal this app does not have (ordinals run from 0 to replicas-1, skipping removeInstances)"),
-    validation = Rule::new("!has(self.spec.variants) || self.spec.variants.all(v, v.instances.all(i, i < self.spec.replicas + (has(self.spec.removeInstances) ? size(self.spec.removeInstances) : 0)))").message("a variant names an instance ordinal this app does not have"),
-    validation = Rule::new("self.metadata.name.size() <= 52").message("the app name must be at most 52 characters, so that pod names <app>-<ordinal> stay valid"),
+    validation = Rule::new("self.metadata.name.size() <= 52")
+        .message(Message::Expression("'the app name has ' + string(self.metadata.name.size()) + ' characters; at most 52 are allowed, so that pod names <app>-<ordinal> stay valid'".into()))
+        .field_path(".metadata.name")
+        .reason(Reason::FieldValueInvalid),
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.variants) || self.variants.all(v, self.variants.all(w, v.name == w.name || v.instances.all(i, !(i in w.instances))))").message("an instance belongs to two variants"))]
+#[x_kube(
+    validation = Rule::new(concat!(
+        "!has(self.update) || !has(self.update.batches) || self.update.batches.all(b, !has(b.instances) || b.instances.all(i, ",
+        is_instance!(),
+        "))"
+    ))
+    .message(Message::Expression(concat!(
+        "'instance ' + string(self.update.batches.filter(b, has(b.instances) && b.instances.exists(i, !",
+        is_instance!(),
+        "))[0].instances.filter(i, !",
+        is_instance!(),
+        ")[0]) + ' is not an ordinal of this app (' + ",
+        ordinal_range!(),
+        " + (has(self.removeInstances) ? ' without removeInstances' : '') + ')'"
+    ).into()))
+    .field_path(".update.batches")
+    .reason(Reason::FieldValueInvalid),
+    validation = Rule::new(concat!(
+        "!has(self.variants) || self.variants.all(v, v.instances.all(i, i < ",
+        ordinal_bound!(),
+        "))"
+    ))
+    .message(Message::Expression(concat!(
+        "'variant ' + self.variants.filter(v, v.instances.exists(i, i >= ",
+        ordinal_bound!(),
+        "))[0].name + ': instance ' + string(self.variants.filter(v, v.instances.exists(i, i >= ",
+        ordinal_bound!(),
+        "))[0].instances.filter(i, i >= ",
+        ordinal_bound!(),
+        ")[0]) + ' is not an ordinal of this app (' + ",
+        ordinal_range!(),
+        " + ')'"
+    ).into()))
+    .field_path(".variants")
+    .reason(Reason::FieldValueInvalid),
+    validation = Rule::new(concat!(
+        "!has(self.variants) || self.variants.all(v, v.instances.all(i, !",
+        named_twice!("self.variants"),
+        "))"
+    ))
+    .message(Message::Expression(concat!(
+        "'instance ' + string(self.variants.filter(v, v.instances.exists(i, ",
+        named_twice!("self.variants"),
+        "))[0].instances.filter(i, ",
+        named_twice!("self.variants"),
+        ")[0]) + ' belongs to more than one variant'"
+    ).into()))
+    .field_path(".variants")
+    .reason(Reason::FieldValueInvalid),
+)]
 pub struct GrayAppSpec {
     /// Number of instances. Instances are named `<app>-<ordinal>`; ordinals start at 0 and skip
     /// those listed in removeInstances.
@@ -104,7 +228,9 @@ pub struct GrayAppSpec {
     /// replicas 24 and removeInstances [7], the instances are 0-6 and 8-24.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
-    #[x_kube(validation = Rule::new("self.all(i, self.indexOf(i) == self.lastIndexOf(i))").message("removeInstances lists an ordinal twice"))]
+    #[x_kube(validation = Rule::new("self.all(i, self.indexOf(i) == self.lastIndexOf(i))")
+        .message(Message::Expression("'ordinal ' + string(self.filter(i, self.indexOf(i) != self.lastIndexOf(i))[0]) + ' is listed twice'".into()))
+        .reason(Reason::FieldValueInvalid))]
     pub remove_instances: Vec<i32>,
 
     /// Instances kept on purpose at other images than the template's: several versions side
@@ -137,7 +263,9 @@ pub struct Variant {
     pub name: String,
     /// The instance ordinals that run this variant.
     #[schemars(length(min = 1, max = 100))]
-    #[x_kube(validation = Rule::new("self.all(i, i >= 0)").message("instance ordinals are not negative"))]
+    #[x_kube(validation = Rule::new("self.all(i, i >= 0)")
+        .message(Message::Expression("'instance ordinals are not negative: ' + string(self.filter(i, i < 0)[0])".into()))
+        .reason(Reason::FieldValueInvalid))]
     pub instances: Vec<i32>,
     /// Container name to image, replacing the template's image for those containers.
     #[schemars(length(min = 1))]
@@ -147,7 +275,20 @@ pub struct Variant {
 /// How an update proceeds.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.batches) || self.batches.all(b, !has(b.instances) || b.instances.all(i, self.batches.filter(c, has(c.instances) && i in c.instances).size() == 1))").message("an instance is named in two batches"))]
+#[x_kube(validation = Rule::new(concat!(
+        "!has(self.batches) || self.batches.all(b, !has(b.instances) || b.instances.all(i, !",
+        named_twice!("self.batches"),
+        "))"
+    ))
+    .message(Message::Expression(concat!(
+        "'instance ' + string(self.batches.filter(b, has(b.instances) && b.instances.exists(i, ",
+        named_twice!("self.batches"),
+        "))[0].instances.filter(i, ",
+        named_twice!("self.batches"),
+        ")[0]) + ' is named in more than one batch'"
+    ).into()))
+    .field_path(".batches")
+    .reason(Reason::FieldValueInvalid))]
 pub struct UpdateStrategy {
     /// `InPlaceIfPossible` patches images into running pods when only images, labels or
     /// annotations changed, and recreates the pod otherwise; `Recreate` always recreates.
@@ -158,7 +299,9 @@ pub struct UpdateStrategy {
     /// percentage of replicas (rounded down, at least 1). Must allow at least one: instances
     /// are upgraded in place, so there is no surge.
     #[serde(default = "default_max_unavailable")]
-    #[x_kube(validation = Rule::new("string(self).matches('^[0-9]+%?$') && int(string(self).replace('%', '')) > 0 && (!string(self).endsWith('%') || int(string(self).replace('%', '')) <= 100)").message("maxUnavailable must be at least 1 (or a percentage from 1% to 100%): instances are upgraded in place, with no surge to keep capacity"))]
+    #[x_kube(validation = Rule::new(positive_count!())
+        .message(Message::Expression("'maxUnavailable must be at least 1 or a percentage from 1% to 100% (instances are upgraded in place, with no surge to keep capacity); got ' + string(self)".into()))
+        .reason(Reason::FieldValueInvalid))]
     pub max_unavailable: IntOrString,
 
     /// Seconds an instance stays out of service (its readiness gate False, so Services stop
@@ -231,19 +374,30 @@ pub enum Promotion {
 /// the remaining ones.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("(has(self.instances) ? 1 : 0) + (has(self.selector) ? 1 : 0) + (has(self.count) ? 1 : 0) <= 1").message("a batch names instances, or a selector, or a count; not several"))]
+#[x_kube(validation = Rule::new("(has(self.instances) ? 1 : 0) + (has(self.selector) ? 1 : 0) + (has(self.count) ? 1 : 0) <= 1")
+    .message(Message::Expression("'a batch names instances, or a selector, or a count, not several; this one has ' + [has(self.instances) ? 'instances' : '', has(self.selector) ? 'selector' : '', has(self.count) ? 'count' : ''].filter(f, f != '').join(' and ')".into()))
+    .reason(Reason::FieldValueInvalid))]
 pub struct Batch {
     /// Instance ordinals, upgraded in the order given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 100))]
-    #[x_kube(validation = Rule::new("self.all(i, i >= 0 && self.indexOf(i) == self.lastIndexOf(i))").message("a batch names an instance twice or a negative ordinal"))]
+    #[x_kube(
+        validation = Rule::new("self.all(i, i >= 0)")
+            .message(Message::Expression("'instance ordinals are not negative: ' + string(self.filter(i, i < 0)[0])".into()))
+            .reason(Reason::FieldValueInvalid),
+        validation = Rule::new("self.all(i, self.indexOf(i) == self.lastIndexOf(i))")
+            .message(Message::Expression("'instance ' + string(self.filter(i, self.indexOf(i) != self.lastIndexOf(i))[0]) + ' is named twice'".into()))
+            .reason(Reason::FieldValueInvalid),
+    )]
     pub instances: Option<Vec<i32>>,
     /// Instances whose pods carry these labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
     /// A number of the still outdated instances, or a percentage of them (rounded up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("string(self).matches('^[0-9]+%?$') && int(string(self).replace('%', '')) > 0 && (!string(self).endsWith('%') || int(string(self).replace('%', '')) <= 100)").message("count must be a positive number or a percentage from 1% to 100%"))]
+    #[x_kube(validation = Rule::new(positive_count!())
+        .message(Message::Expression("'count must be a positive number or a percentage from 1% to 100%; got ' + string(self)".into()))
+        .reason(Reason::FieldValueInvalid))]
     pub count: Option<IntOrString>,
 }
 
@@ -287,7 +441,9 @@ pub struct HealthGate {
 pub struct HttpCheck {
     /// Request path, e.g. `/healthz`.
     #[schemars(length(min = 1, max = 1024))]
-    #[x_kube(validation = Rule::new("self.startsWith('/')").message("path must start with /"))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')")
+        .message(Message::Expression("'path must start with /; got \"' + self + '\"'".into()))
+        .reason(Reason::FieldValueInvalid))]
     pub path: String,
     /// Port on the pod.
     #[schemars(range(min = 1, max = 65535))]
@@ -330,7 +486,9 @@ pub struct PrometheusCheck {
     /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`. An
     /// `https://` URL must present a certificate the operator's system roots trust.
     #[schemars(length(min = 1, max = 1024))]
-    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("address must be an http:// or https:// URL"))]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')")
+        .message(Message::Expression("'address must be an http:// or https:// URL; got \"' + self + '\"'".into()))
+        .reason(Reason::FieldValueInvalid))]
     pub address: String,
     /// PromQL giving one number. `$pods` is replaced by a regular expression matching the
     /// batch's pod names, e.g. `sum(rate(http_errors_total{pod=~"$pods"}[1m]))`.
@@ -401,10 +559,18 @@ pub struct GrayAppStatus {
     /// Each revision instances run, with its images and which instances run it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revisions: Vec<RevisionStatus>,
+    /// The images instances run and how many run each, the most common first: at most two,
+    /// then how many others (`ocr:v8 (20), ocr:v7 (5)`; with several containers, those that
+    /// differ: `ocr=ocr:v8,proxy=envoy:1.30 (3)`). For kubectl get; revisions has the full
+    /// references.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub images: String,
     /// Progress of the rollout to updateRevision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
-    /// One line per instance (up to 256; beyond that only instances that are not steady).
+    /// The instances that are not steady, i.e. not Running on the revision they should run
+    /// (being updated, unready, missing, or on another revision): at most 32, those not Running
+    /// first. Where every instance runs, revisions says with its ordinal ranges.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<InstanceStatus>,
 }

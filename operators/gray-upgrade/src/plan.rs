@@ -457,7 +457,10 @@ fn select(batch: Option<&Batch>, outdated: Vec<Ordinal>, pods: &Instances) -> Ve
 }
 
 /// Which instances each batch of the rollout to the update revision would move, assuming
-/// each passes: the dry run behind `kubectl gantry plan`. Batches already done are empty.
+/// each passes: the dry run behind `kubectl gantry plan`. The current batch (done or not) has
+/// the members status recorded for it; batches before it are empty (status keeps no members for
+/// them). Members of the current batch that failed their health gate go back to where they
+/// came from, so later batches may take them again.
 pub fn preview(input: &Input) -> Vec<Vec<Ordinal>> {
     let spec = input.spec;
     let planner = Planner {
@@ -484,7 +487,8 @@ pub fn preview(input: &Input) -> Vec<Vec<Ordinal>> {
                 Some(r) => r.members.clone(),
                 None => select(spec.update.batches.get(index), outdated.clone(), input.pods),
             };
-            outdated.retain(|o| !chosen.contains(o));
+            let returning = started.map_or(&[][..], |r| r.failed.as_slice());
+            outdated.retain(|o| !chosen.contains(o) || returning.contains(o));
             chosen
         })
         .collect()

@@ -11,8 +11,8 @@ use crate::model::{Instances, Ordinal, PodView, WriteFailure, format_ranges, pod
 use crate::plan::{Plan, desired_ordinals};
 use crate::revision::Revision;
 
-/// Up to this many instances, status lists every one; beyond, only those not steady.
-pub const FULL_TABLE_LIMIT: usize = 256;
+/// Status lists at most this many instances, and only those that are not steady.
+pub const INSTANCE_TABLE_LIMIT: usize = 32;
 
 pub const PROGRESSING: &str = "Progressing";
 pub const PAUSED: &str = "Paused";
@@ -76,7 +76,7 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
             by_revision.entry(r.as_str()).or_default().insert(*o);
         }
     }
-    let revisions = by_revision
+    let revisions: Vec<RevisionStatus> = by_revision
         .iter()
         .map(|(name, set)| RevisionStatus {
             name: (*name).to_string(),
@@ -97,17 +97,43 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
         .iter()
         .map(|i| (i.name.as_str(), i))
         .collect();
-    let full = desired.len() <= FULL_TABLE_LIMIT;
-    let mut instances = Vec::new();
+    // Only instances that are not steady are listed: steady means Running on the revision it
+    // should rest on (the template's, or its variant's). Those in flight or in trouble (not
+    // Running) come first when there are more than the table holds; then those merely on
+    // another revision. Where every instance runs, the revisions' ordinal ranges say.
+    let variant_of: BTreeMap<Ordinal, &str> = input
+        .spec
+        .variants
+        .iter()
+        .flat_map(|v| v.instances.iter().map(move |o| (*o, v.name.as_str())))
+        .collect();
+    let mut unsteady: Vec<(Ordinal, &'static str)> = Vec::new();
     for o in &desired {
         let pod = pods.get(o);
         let state = instance_state(pod.map(AsRef::as_ref));
-        let revision = pod.and_then(|p| p.revision.clone());
-        let steady = state == "Running" && revision.as_deref() == Some(input.update_revision);
-        if !full && (steady || instances.len() >= FULL_TABLE_LIMIT) {
-            continue;
+        let revision = pod.and_then(|p| p.revision.as_deref());
+        let at_rest = match variant_of.get(o) {
+            Some(variant) => revision
+                .and_then(|r| input.variant_names.get(r))
+                .is_some_and(|v| v == variant),
+            None => revision == Some(input.update_revision),
+        };
+        if !(state == "Running" && at_rest) {
+            unsteady.push((*o, state));
         }
-        let name = pod_name(input.app, *o);
+    }
+    let (busy, idle): (Vec<_>, Vec<_>) = unsteady.into_iter().partition(|(_, s)| *s != "Running");
+    let mut listed: Vec<(Ordinal, &'static str)> = busy
+        .into_iter()
+        .chain(idle)
+        .take(INSTANCE_TABLE_LIMIT)
+        .collect();
+    listed.sort_by_key(|(o, _)| *o);
+    let mut instances = Vec::new();
+    for (o, state) in listed {
+        let pod = pods.get(&o);
+        let revision = pod.and_then(|p| p.revision.clone());
+        let name = pod_name(input.app, o);
         let images = pod
             .map(|p| {
                 p.containers
@@ -146,6 +172,7 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
             .plan
             .and_then(|p| p.current_revision.clone())
             .or_else(|| input.previous.current_revision.clone()),
+        images: images_summary(&revisions),
         revisions,
         rollout: input
             .plan
@@ -155,6 +182,102 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
     };
     set_conditions(&mut status, input, desired.len(), ready);
     status
+}
+
+/// How many image sets [`images_summary`] names; the rest it counts.
+pub const IMAGES_SHOWN: usize = 2;
+/// The longest one image set reads in [`images_summary`], in characters.
+const IMAGE_LABEL_MAX: usize = 48;
+
+/// What the instances run, for `kubectl get`: each set of images with how many instances run
+/// it, the most common first, at most [`IMAGES_SHOWN`] of them and then how many others
+/// (`ocr:v8 (20), ocr:v7 (4), +1 more`). An image reads as its last path segment
+/// (`registry/team/ocr:v8` as `ocr:v8`, a digest cut to 12 characters). With several
+/// containers only those whose images differ between revisions are named (`ocr=ocr:v8`); a
+/// revision whose images are unknown reads as its name.
+pub fn images_summary(revisions: &[RevisionStatus]) -> String {
+    let containers: BTreeSet<&str> = revisions
+        .iter()
+        .flat_map(|r| r.images.keys().map(String::as_str))
+        .collect();
+    let differing: Vec<&str> = containers
+        .iter()
+        .copied()
+        .filter(|c| {
+            revisions
+                .iter()
+                .filter(|r| !r.images.is_empty())
+                .map(|r| r.images.get(*c))
+                .collect::<BTreeSet<_>>()
+                .len()
+                > 1
+        })
+        .collect();
+    let named: Vec<&str> = if differing.is_empty() {
+        containers.iter().copied().collect()
+    } else {
+        differing
+    };
+    // Revisions that run the same images (they differ elsewhere) count together.
+    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+    for r in revisions {
+        let label = if r.images.is_empty() {
+            r.name.clone()
+        } else if containers.len() == 1 {
+            r.images.values().map(|i| short_image(i)).collect()
+        } else {
+            named
+                .iter()
+                .map(|c| {
+                    let image = r.images.get(*c).map_or("-".into(), |i| short_image(i));
+                    format!("{c}={image}")
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        *counts.entry(label).or_default() += i64::from(r.count);
+    }
+    let mut sets: Vec<(String, i64)> = counts.into_iter().collect();
+    sets.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut parts: Vec<String> = sets
+        .iter()
+        .take(IMAGES_SHOWN)
+        .map(|(label, count)| format!("{} ({count})", bounded(label)))
+        .collect();
+    if sets.len() > IMAGES_SHOWN {
+        parts.push(format!("+{} more", sets.len() - IMAGES_SHOWN));
+    }
+    parts.join(", ")
+}
+
+/// `registry.example.com:5000/team/ocr:v8` as `ocr:v8`; `ocr@sha256:<64 hex>` keeps 12 of them.
+fn short_image(image: &str) -> String {
+    let (name, digest) = match image.split_once('@') {
+        Some((name, digest)) => (name, Some(digest)),
+        None => (image, None),
+    };
+    let last = name.rsplit('/').next().unwrap_or(name);
+    match digest {
+        Some(digest) => {
+            let (algorithm, hex) = digest.split_once(':').unwrap_or(("", digest));
+            let hex: String = hex.chars().take(12).collect();
+            if algorithm.is_empty() {
+                format!("{last}@{hex}")
+            } else {
+                format!("{last}@{algorithm}:{hex}")
+            }
+        }
+        None => last.to_string(),
+    }
+}
+
+fn bounded(label: &str) -> String {
+    if label.chars().count() <= IMAGE_LABEL_MAX {
+        return label.to_string();
+    }
+    let mut out: String = label.chars().take(IMAGE_LABEL_MAX - 1).collect();
+    out.push('…');
+    out
 }
 
 /// The selector as the scale subresource carries it to an HPA: expressions included.
@@ -490,8 +613,123 @@ mod tests {
             vec![("ocr-a", "0,2"), ("ocr-b", "1")]
         );
         assert_eq!(status.label_selector, "app=ocr");
-        assert_eq!(status.instances.len(), 3);
+        // Only the instance not on the template's revision has a row.
+        assert_eq!(
+            status
+                .instances
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["ocr-1"]
+        );
         assert_eq!(status.observed_generation, Some(2));
+    }
+
+    fn revision(name: &str, images: &[(&str, &str)], count: i32) -> RevisionStatus {
+        RevisionStatus {
+            name: name.into(),
+            variant: None,
+            images: images
+                .iter()
+                .map(|(c, i)| (c.to_string(), i.to_string()))
+                .collect(),
+            count,
+            instances: String::new(),
+        }
+    }
+
+    #[test]
+    fn status_names_the_images_instances_run_with_their_counts() {
+        let spec = spec(25);
+        let pods: BTreeMap<_, _> = (0..25)
+            .map(|o| {
+                (
+                    o,
+                    Arc::new(running(o, if o < 5 { "ocr-a" } else { "ocr-b" })),
+                )
+            })
+            .collect();
+        let template = |image: &str| {
+            serde_json::from_value(serde_json::json!({
+                "spec": {"containers": [{"name": "ocr", "image": image}]}
+            }))
+            .expect("valid template")
+        };
+        let revisions: BTreeMap<String, Revision> = [
+            ("ocr-a", "registry.example.com/vision/ocr:v7"),
+            ("ocr-b", "registry.example.com/vision/ocr:v8"),
+        ]
+        .into_iter()
+        .map(|(name, image)| {
+            (
+                name.to_string(),
+                Revision {
+                    name: name.into(),
+                    template: template(image),
+                },
+            )
+        })
+        .collect();
+        let now = now();
+        let status = build(&StatusInput {
+            app: "ocr",
+            generation: None,
+            spec: &spec,
+            previous: &GrayAppStatus::default(),
+            pods: &pods,
+            revisions: &revisions,
+            variant_names: &BTreeMap::new(),
+            update_revision: "ocr-b",
+            plan: None,
+            invalid: None,
+            write_failure: None,
+            now: &now,
+        });
+        assert_eq!(status.images, "ocr:v8 (20), ocr:v7 (5)");
+    }
+
+    #[test]
+    fn the_images_summary_stays_short_with_many_revisions() {
+        let revisions: Vec<RevisionStatus> = (0..40)
+            .map(|n| revision(&format!("ocr-{n}"), &[("ocr", &format!("ocr:v{n}"))], n + 1))
+            .collect();
+        assert_eq!(
+            images_summary(&revisions),
+            "ocr:v39 (40), ocr:v38 (39), +38 more"
+        );
+        let long = "registry.example.com/vision/an-image-whose-name-goes-on-and-on-and-on:v1";
+        let summary = images_summary(&[revision("ocr-a", &[("ocr", long)], 1)]);
+        assert!(summary.chars().count() <= IMAGE_LABEL_MAX + 4, "{summary}");
+        assert_eq!(images_summary(&[]), "");
+    }
+
+    #[test]
+    fn with_several_containers_the_summary_names_those_that_differ() {
+        let revisions = [
+            revision("ocr-a", &[("ocr", "ocr:v8"), ("proxy", "envoy:1.30")], 3),
+            revision("ocr-b", &[("ocr", "ocr:v7"), ("proxy", "envoy:1.30")], 22),
+            revision("ocr-c", &[], 1),
+        ];
+        assert_eq!(
+            images_summary(&revisions),
+            "ocr=ocr:v7 (22), ocr=ocr:v8 (3), +1 more"
+        );
+        let same = [revision(
+            "ocr-a",
+            &[("ocr", "ocr:v8"), ("proxy", "envoy:1.30")],
+            25,
+        )];
+        assert_eq!(images_summary(&same), "ocr=ocr:v8,proxy=envoy:1.30 (25)");
+        // Two revisions with the same images (they differ in a label) count together.
+        let twins = [
+            revision("ocr-a", &[("ocr", "ocr:v8")], 20),
+            revision("ocr-b", &[("ocr", "ocr:v8")], 5),
+        ];
+        assert_eq!(images_summary(&twins), "ocr:v8 (25)");
+        assert_eq!(
+            short_image("ocr@sha256:0123456789abcdef0123456789abcdef"),
+            "ocr@sha256:0123456789ab"
+        );
     }
 
     #[test]
@@ -700,10 +938,94 @@ mod tests {
         assert_eq!(status.revisions[0].instances, "0-999");
     }
 
+    fn status_of(
+        spec: &GrayAppSpec,
+        pods: &Instances,
+        variant_names: &BTreeMap<String, String>,
+    ) -> GrayAppStatus {
+        let now = now();
+        build(&StatusInput {
+            app: "ocr",
+            generation: None,
+            spec,
+            previous: &GrayAppStatus::default(),
+            pods,
+            revisions: &BTreeMap::new(),
+            variant_names,
+            update_revision: "ocr-a",
+            plan: None,
+            invalid: None,
+            write_failure: None,
+            now: &now,
+        })
+    }
+
+    fn names(status: &GrayAppStatus) -> Vec<String> {
+        status.instances.iter().map(|i| i.name.clone()).collect()
+    }
+
+    #[test]
+    fn a_healthy_app_lists_no_instance_its_revisions_show_where_each_runs() {
+        let pods: Instances = (0..25)
+            .map(|o| (o, Arc::new(running(o, "ocr-a"))))
+            .collect();
+        let status = status_of(&spec(25), &pods, &BTreeMap::new());
+        assert_eq!(status.instances, Vec::new());
+        assert_eq!(status.revisions[0].instances, "0-24");
+    }
+
+    #[test]
+    fn the_instance_table_is_bounded_and_lists_instances_in_flight_first() {
+        // Mid-rollout: 900 instances still on the old revision, 100 moved, 5 of them not Ready.
+        let pods: Instances = (0..1000)
+            .map(|o| {
+                let mut pod = running(o, if o < 900 { "ocr-old" } else { "ocr-a" });
+                pod.ready = !(950..955).contains(&o);
+                (o, Arc::new(pod))
+            })
+            .collect();
+        let status = status_of(&spec(1000), &pods, &BTreeMap::new());
+        let expected: Vec<String> = (0..27)
+            .chain(950..955)
+            .map(|o| format!("ocr-{o}"))
+            .collect();
+        assert_eq!(names(&status), expected);
+        assert_eq!(status.instances.len(), INSTANCE_TABLE_LIMIT);
+    }
+
+    #[test]
+    fn variant_instances_on_their_variant_revision_are_steady() {
+        let mut spec = spec(4);
+        spec.variants = vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "v8", "instances": [2], "images": {"ocr": "ocr:v8"}
+            }))
+            .expect("valid variant"),
+        ];
+        let variant_names: BTreeMap<String, String> = [("ocr-v8".into(), "v8".into())].into();
+        let pods: Instances = [
+            (0, running(0, "ocr-a")),
+            (1, running(1, "ocr-a")),
+            (2, running(2, "ocr-v8")),
+            // Not a v8 instance, yet on its revision.
+            (3, running(3, "ocr-v8")),
+        ]
+        .into_iter()
+        .map(|(o, p)| (o, Arc::new(p)))
+        .collect();
+        let status = status_of(&spec, &pods, &variant_names);
+        assert_eq!(names(&status), vec!["ocr-3"]);
+    }
+
     #[test]
     fn instance_transition_time_moves_only_on_change() {
         let spec = spec(1);
-        let pods: BTreeMap<_, _> = [(0, Arc::new(running(0, "ocr-a")))].into();
+        // Not Ready, so it has a row.
+        let unready = PodView {
+            ready: false,
+            ..running(0, "ocr-a")
+        };
+        let pods: BTreeMap<_, _> = [(0, Arc::new(unready))].into();
         let t1 = now();
         let input = |previous: &GrayAppStatus, now: &Time| {
             build(&StatusInput {

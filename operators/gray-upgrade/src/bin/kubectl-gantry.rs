@@ -11,8 +11,10 @@ use gray_upgrade::api::{
 };
 use gray_upgrade::model::Instances;
 use gray_upgrade::observe::{LeanPod, instances};
-use gray_upgrade::plan::{Input, preview};
-use gray_upgrade::plugin::{parse_images, parse_instances, status_table, table};
+use gray_upgrade::plan::Input;
+use gray_upgrade::plugin::{
+    app_not_found, error_message, parse_images, parse_instances, plan_lines, status_report, table,
+};
 use gray_upgrade::revision::{Revision, Wanted, images, with_images};
 use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::PodTemplateSpec;
@@ -68,7 +70,8 @@ enum Verb {
         #[arg(long)]
         to: Option<String>,
     },
-    /// Per-instance table: revision, images, readiness, state, node.
+    /// Where every instance runs (revisions, their images and ordinals), and a row for each
+    /// instance not steady: revision, images, readiness, state, node.
     Status { app: String },
     /// Stored revisions, their images and which instances run them.
     History { app: String },
@@ -81,7 +84,7 @@ async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_message(err.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -96,17 +99,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_string());
     let apps: Api<GrayApp> = Api::namespaced(client.clone(), &namespace);
-    let get = |name: String| {
-        let apps = apps.clone();
-        async move {
-            apps.get(&name)
-                .await
-                .with_context(|| format!("reading GrayApp {name}"))
-        }
-    };
     let params = PatchParams {
         field_manager: Some(MANAGER.into()),
         ..PatchParams::default()
+    };
+    let get = |name: String| {
+        let apps = apps.clone();
+        let namespace = namespace.clone();
+        async move {
+            apps.get(&name)
+                .await
+                .map_err(|e| match app_not_found(&e, &name, &namespace) {
+                    Some(missing) => missing.into(),
+                    None => anyhow::Error::new(e).context(format!("reading GrayApp {name}")),
+                })
+        }
+    };
+    // A change to the app; a missing app is named with its namespace.
+    let patch = |name: &str, patch: serde_json::Value| {
+        let (apps, params) = (apps.clone(), params.clone());
+        let (name, namespace) = (name.to_string(), namespace.clone());
+        async move {
+            apps.patch(&name, &params, &Patch::Merge(patch))
+                .await
+                .map_err(|e| about_app(e, &name, &namespace))
+        }
     };
     match cli.verb {
         Verb::Upgrade {
@@ -143,8 +160,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 current.spec.update.batches.clone()
             };
             batches.push(batch);
-            let patch = json!({"spec": {"template": template, "update": {"batches": batches}}});
-            apps.patch(&app, &params, &Patch::Merge(patch)).await?;
+            patch(
+                &app,
+                json!({"spec": {"template": template, "update": {"batches": batches}}}),
+            )
+            .await?;
             let name = Revision::new(&app, template)?.name;
             if new_revision {
                 println!(
@@ -172,40 +192,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let value = format!("{}/{}", rollout.revision, rollout.batch);
-            apps.patch(
+            patch(
                 &app,
-                &params,
-                &Patch::Merge(json!({"metadata": {"annotations": {ANNOTATION_APPROVE: value}}})),
+                json!({"metadata": {"annotations": {ANNOTATION_APPROVE: value}}}),
             )
             .await?;
             println!("{app}: batch {} approved", rollout.batch + 2);
         }
         Verb::Pause { app } => {
-            apps.patch(
-                &app,
-                &params,
-                &Patch::Merge(json!({"spec": {"update": {"paused": true}}})),
-            )
-            .await?;
+            patch(&app, json!({"spec": {"update": {"paused": true}}})).await?;
             println!("{app}: paused");
         }
         Verb::Resume { app } => {
-            apps.patch(
-                &app,
-                &params,
-                &Patch::Merge(json!({"spec": {"update": {"paused": false}}})),
-            )
-            .await?;
+            patch(&app, json!({"spec": {"update": {"paused": false}}})).await?;
             println!("{app}: resumed");
         }
         Verb::Abort { app } => {
             let current = get(app.clone()).await?;
             // From the spec, not status: status may not have caught up with the last change.
             let revision = Revision::new(&app, current.spec.template.clone())?.name;
-            apps.patch(
+            patch(
                 &app,
-                &params,
-                &Patch::Merge(json!({"metadata": {"annotations": {ANNOTATION_ABORT: revision}}})),
+                json!({"metadata": {"annotations": {ANNOTATION_ABORT: revision}}}),
             )
             .await?;
             println!(
@@ -221,8 +229,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| {
                         format!("revision {} holds no pod template", target.name_any())
                     })?;
-            let patch = json!({"spec": {"template": template, "update": {"batches": []}}});
-            apps.patch(&app, &params, &Patch::Merge(patch)).await?;
+            patch(
+                &app,
+                json!({"spec": {"template": template, "update": {"batches": []}}}),
+            )
+            .await?;
             println!(
                 "{app}: template returned to {} (revision {}); instances move back maxUnavailable at a time",
                 target.name_any(),
@@ -238,7 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     r.revision, r.phase, r.batch_progress, r.message
                 );
             }
-            println!("{}", status_table(&status));
+            println!("{}", status_report(&app, &status));
         }
         Verb::History { app } => {
             let current = get(app.clone()).await?;
@@ -313,28 +324,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join(",")
             );
-            for (i, members) in preview(&input).iter().enumerate() {
-                let list: Vec<String> = members
-                    .iter()
-                    .map(|o| {
-                        format!(
-                            "{app}-{o}@{}",
-                            pods.get(o)
-                                .and_then(|p| p.node.clone())
-                                .unwrap_or_else(|| "-".into())
-                        )
-                    })
-                    .collect();
-                println!(
-                    "batch {}: {} instance(s) {}",
-                    i + 1,
-                    members.len(),
-                    list.join(" ")
-                );
+            for line in plan_lines(&app, &input) {
+                println!("{line}");
             }
         }
     }
     Ok(())
+}
+
+/// A failed request about the GrayApp `app`; "not found" names the app and its namespace.
+fn about_app(err: kube::Error, app: &str, namespace: &str) -> anyhow::Error {
+    match app_not_found(&err, app, namespace) {
+        Some(missing) => missing.into(),
+        None => err.into(),
+    }
 }
 
 async fn revisions(

@@ -164,6 +164,7 @@ pub async fn report_invalid(
         updated_replicas: previous.updated_replicas,
         revisions: previous.revisions.clone(),
         instances: previous.instances.clone(),
+        images: previous.images.clone(),
         update_revision: previous.update_revision.clone(),
         ..status
     };

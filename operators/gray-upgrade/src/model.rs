@@ -226,6 +226,57 @@ pub fn normalize_image(image: &str) -> String {
     }
 }
 
+/// A write to a pod the watch may not have shown yet. Until it does, the pod is planned as
+/// written: planning from the stale view would repeat the write (and a repeated in-place patch
+/// would restamp its record after the container may already have restarted).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expected {
+    /// Patched in place to a revision, with this record and these images.
+    Patched {
+        revision: String,
+        record: InPlaceRecord,
+        images: BTreeMap<String, String>,
+    },
+    /// The readiness gate set, at this time.
+    Gate { in_service: bool, since: Seconds },
+}
+
+impl PodView {
+    /// The pod with the write applied, if this view does not show it yet.
+    pub fn behind(&self, expected: &Expected) -> Option<PodView> {
+        let mut pod = self.clone();
+        match expected {
+            Expected::Patched {
+                revision,
+                record,
+                images,
+            } => {
+                if self.revision.as_ref() == Some(revision) && self.record.as_ref() == Some(record)
+                {
+                    return None;
+                }
+                pod.revision = Some(revision.clone());
+                pod.record = Some(record.clone());
+                pod.record_unreadable = None;
+                for container in &mut pod.containers {
+                    if let Some(image) = images.get(&container.name) {
+                        container.image = image.clone();
+                    }
+                }
+            }
+            Expected::Gate { in_service, since } => {
+                if self.in_service == Some(*in_service) {
+                    return None;
+                }
+                pod.in_service = Some(*in_service);
+                pod.in_service_since = Some(*since);
+                pod.ready &= *in_service;
+            }
+        }
+        Some(pod)
+    }
+}
+
 /// A kind of write the operator makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Verb {

@@ -19,13 +19,15 @@ use crate::plan::{Action, DeleteReason};
 use crate::reasons::{Step, UpgradeOutcome};
 
 /// One instance's actions, as far as they went: each with its step or its failure.
-type InstanceResults = Vec<(Ordinal, Result<Option<Step>, WriteFailure>)>;
+type InstanceResults = Vec<(usize, Ordinal, Result<Option<Step>, WriteFailure>)>;
 
 /// What carrying out a plan did.
 #[derive(Debug, Default)]
 pub struct Executed {
     pub steps: Vec<(Ordinal, Step)>,
     pub failures: Vec<(Ordinal, WriteFailure)>,
+    /// The indices of the actions that were carried out.
+    pub done: Vec<usize>,
 }
 
 /// Where the actions run, and what they need to know.
@@ -61,7 +63,7 @@ impl Executor<'_> {
                         let action = &actions[i];
                         let result = self.act(action).await;
                         let failed = result.is_err();
-                        done.push((action.ordinal(), result));
+                        done.push((i, action.ordinal(), result));
                         if failed {
                             break; // the instance's later steps depend on this one
                         }
@@ -73,10 +75,12 @@ impl Executor<'_> {
                 .await
         };
         let mut executed = Executed::default();
-        for (ordinal, result) in results.into_iter().flatten() {
+        for (index, ordinal, result) in results.into_iter().flatten() {
             match result {
-                Ok(Some(step)) => executed.steps.push((ordinal, step)),
-                Ok(None) => {}
+                Ok(step) => {
+                    executed.done.push(index);
+                    executed.steps.extend(step.map(|s| (ordinal, s)));
+                }
                 Err(failure) => executed.failures.push((ordinal, failure)),
             }
         }

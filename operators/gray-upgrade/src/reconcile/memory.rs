@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::model::WriteFailure;
+use crate::model::{Expected, Instances, WriteFailure};
 
 /// How long writes are held after the first failure; doubled on each failure that follows,
 /// up to [`MAX_HOLD`], and forgotten after a success.
@@ -21,7 +21,12 @@ struct AppMemory {
     undecodable: BTreeSet<String>,
     /// The revisions the app's instance gauge has series for.
     revision_series: BTreeSet<String>,
+    /// Writes to pods (by UID) the watch may not have shown yet, with when they were made.
+    expected: HashMap<String, Vec<(Expected, Instant)>>,
 }
+
+/// How long a write is assumed to be on its way before the watch is believed instead.
+pub const EXPECTATION_TTL: Duration = Duration::from_secs(30);
 
 struct Failing {
     failure: WriteFailure,
@@ -75,6 +80,53 @@ impl Memory {
         apps.get_mut(key)
             .and_then(|app| app.failure.take())
             .is_some()
+    }
+
+    /// Remembers writes to a pod until the watch shows them.
+    pub fn expect(&self, key: &str, uid: &str, expected: Expected, now: Instant) {
+        let mut apps = self.lock();
+        let app = apps.entry(key.to_string()).or_default();
+        app.expected
+            .entry(uid.to_string())
+            .or_default()
+            .push((expected, now));
+    }
+
+    /// The pods as this process last wrote them, where the watch is behind; expectations the
+    /// watch has caught up with, or that are older than [`EXPECTATION_TTL`], are dropped.
+    pub fn overlay(&self, key: &str, pods: Instances, now: Instant) -> Instances {
+        let mut apps = self.lock();
+        let Some(app) = apps.get_mut(key) else {
+            return pods;
+        };
+        if app.expected.is_empty() {
+            return pods;
+        }
+        let mut pods = pods;
+        let live: BTreeSet<&str> = pods.values().map(|p| p.uid.as_str()).collect();
+        app.expected.retain(|uid, _| live.contains(uid.as_str()));
+        for pod in pods.values_mut() {
+            let Some(writes) = app.expected.get_mut(&pod.uid) else {
+                continue;
+            };
+            let observed = std::sync::Arc::clone(pod);
+            let mut view = None::<crate::model::PodView>;
+            writes.retain(|(expected, at)| {
+                let current = view.as_ref().unwrap_or(&observed);
+                match current.behind(expected) {
+                    Some(updated) if now < *at + EXPECTATION_TTL => {
+                        view = Some(updated);
+                        true
+                    }
+                    _ => false,
+                }
+            });
+            if let Some(view) = view {
+                *pod = std::sync::Arc::new(view);
+            }
+        }
+        app.expected.retain(|_, writes| !writes.is_empty());
+        pods
     }
 
     /// When status was last written, if it was by this process.
@@ -137,6 +189,7 @@ fn same_kind(a: &WriteFailure, b: &WriteFailure) -> bool {
 mod tests {
     use super::*;
     use crate::model::{Verb, Written};
+    use std::collections::BTreeMap;
 
     fn forbidden(object: &str) -> WriteFailure {
         WriteFailure {
@@ -168,6 +221,70 @@ mod tests {
         assert!(memory.succeeded("ns/a"));
         assert!(memory.holding_for("ns/a", t1).is_none());
         assert!(!memory.succeeded("ns/a"));
+    }
+
+    #[test]
+    fn a_pod_is_planned_as_written_until_the_watch_shows_the_write() {
+        use crate::model::{InPlaceRecord, PodView};
+        use std::sync::Arc;
+        let memory = Memory::default();
+        let t0 = Instant::now();
+        let stale = PodView {
+            uid: "u1".into(),
+            revision: Some("r1".into()),
+            in_service: Some(true),
+            ..PodView::default()
+        };
+        let pods: Instances = [(0, Arc::new(stale.clone()))].into();
+        let record = InPlaceRecord {
+            revision: "r2".into(),
+            ..InPlaceRecord::default()
+        };
+        memory.expect(
+            "ns/a",
+            "u1",
+            Expected::Gate {
+                in_service: false,
+                since: 5,
+            },
+            t0,
+        );
+        memory.expect(
+            "ns/a",
+            "u1",
+            Expected::Patched {
+                revision: "r2".into(),
+                record: record.clone(),
+                images: BTreeMap::new(),
+            },
+            t0,
+        );
+        let seen = memory.overlay("ns/a", pods.clone(), t0);
+        assert_eq!(seen[&0].revision.as_deref(), Some("r2"));
+        assert_eq!(seen[&0].in_service, Some(false));
+        assert_eq!(seen[&0].record.as_ref(), Some(&record));
+        // The watch catches up: nothing is overlaid any more, and nothing is remembered.
+        let caught_up = PodView {
+            revision: Some("r2".into()),
+            in_service: Some(false),
+            record: Some(record),
+            ..stale
+        };
+        let pods: Instances = [(0, Arc::new(caught_up.clone()))].into();
+        assert_eq!(*memory.overlay("ns/a", pods.clone(), t0)[&0], caught_up);
+        assert!(memory.lock()["ns/a"].expected.is_empty());
+        // An expectation the watch never confirms is given up after its time.
+        memory.expect(
+            "ns/a",
+            "u1",
+            Expected::Gate {
+                in_service: true,
+                since: 9,
+            },
+            t0,
+        );
+        let later = memory.overlay("ns/a", pods, t0 + EXPECTATION_TTL);
+        assert_eq!(later[&0].in_service, Some(false));
     }
 
     #[test]

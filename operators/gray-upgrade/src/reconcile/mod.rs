@@ -37,8 +37,8 @@ use self::memory::Memory;
 use self::update_status::{Built, StatusWrite, StatusWriter};
 use crate::api::{ANNOTATION_ABORT, ANNOTATION_APPROVE, GrayApp, GrayAppStatus};
 use crate::metrics::{GrayMetrics, RevisionLabels};
-use crate::model::{Ordinal, PodView, Verb, WriteFailure, Written, pod_name};
-use crate::plan::{self, Input, NoteReason, Plan};
+use crate::model::{Expected, Ordinal, PodView, Verb, WriteFailure, Written, pod_name};
+use crate::plan::{self, Action, Input, NoteReason, Plan};
 use crate::reasons::{Step, WriteFailed};
 use crate::revision::Wanted;
 
@@ -141,7 +141,8 @@ pub async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, 
             return Err(Error::InvalidSpec(why));
         }
     };
-    let world = dereference::dereference(&app, &ctx, &namespace, &wanted).await?;
+    let mut world = dereference::dereference(&app, &ctx, &namespace, &wanted).await?;
+    world.pods = ctx.memory.overlay(&key, world.pods, Instant::now());
     let (check_failures, metric) =
         probe::run(&app, &previous, &world.pods, &wanted.update.name).await;
     let holding = ctx.memory.holding_for(&key, Instant::now());
@@ -185,6 +186,7 @@ pub async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, 
     }
     .execute(&plan.actions)
     .await;
+    expect_writes(&ctx, &key, &plan, &world, &executed, now_s);
     record_steps(&app, &ctx, &executed).await;
     let outcome = settle_failures(
         &app,
@@ -244,6 +246,54 @@ async fn settle_failures(
         failed: executed.failures.len(),
         first: first.clone(),
     })
+}
+
+/// Writes to pods that went through, remembered until the watch shows them.
+fn expect_writes(
+    ctx: &Context,
+    key: &str,
+    plan: &Plan,
+    world: &World,
+    executed: &Executed,
+    now: i64,
+) {
+    let at = Instant::now();
+    for &index in &executed.done {
+        let (uid, expected) = match &plan.actions[index] {
+            Action::PatchInPlace {
+                uid,
+                revision,
+                images,
+                record,
+                ..
+            } => (
+                uid,
+                Expected::Patched {
+                    revision: revision.clone(),
+                    record: record.clone(),
+                    images: images.clone(),
+                },
+            ),
+            Action::TakeOutOfService { uid, .. } => (
+                uid,
+                Expected::Gate {
+                    in_service: false,
+                    since: now,
+                },
+            ),
+            Action::PutInService { uid, .. } => (
+                uid,
+                Expected::Gate {
+                    in_service: true,
+                    since: now,
+                },
+            ),
+            Action::Create { .. } | Action::Delete { .. } => continue,
+        };
+        if world.pods.values().any(|p| &p.uid == uid) {
+            ctx.memory.expect(key, uid, expected, at);
+        }
+    }
 }
 
 fn requeue(plan: &Plan, written: StatusWrite) -> Requeue {

@@ -309,3 +309,29 @@ async fn a_refused_patch_is_reported_and_its_instance_returned_to_service() {
         "nothing new while writes are held: {later:#?}"
     );
 }
+
+#[tokio::test]
+async fn a_write_the_watch_has_not_shown_yet_is_not_made_again() {
+    let (mock, client) = MockApi::new(answer(|_| None));
+    let pods = [pod(0, "ocr:v7"), pod(1, "ocr:v7")];
+    let ctx = context(client, &pods, &["ocr:v7"]);
+    let first = reconcile(Arc::new(app("ocr:v8", 2, Value::Null)), Arc::clone(&ctx)).await;
+    assert!(first.is_ok(), "{first:?}");
+    let status = mock
+        .requests()
+        .iter()
+        .rfind(|r| r.line().ends_with("/grayapps/ocr/status"))
+        .map(|r| r.body["status"].clone())
+        .unwrap_or_default();
+    let before = mock.writes().len();
+    // The caches still show the pods as they were: the watch is behind.
+    let second = reconcile(Arc::new(app("ocr:v8", 2, status)), ctx).await;
+    assert!(second.is_ok(), "{second:?}");
+    let again: Vec<String> = mock
+        .writes()
+        .into_iter()
+        .skip(before)
+        .filter(|l| l.contains("/pods/"))
+        .collect();
+    assert!(again.is_empty(), "nothing written twice: {again:#?}");
+}

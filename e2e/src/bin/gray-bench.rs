@@ -44,6 +44,9 @@ struct Args {
     /// The operator binary (default: a release build made with cargo).
     #[arg(long)]
     operator: Option<PathBuf>,
+    /// A flag to pass to the operator (repeatable), e.g. `--operator-flag=--reconcile-interval-ms=250`.
+    #[arg(long = "operator-flag", allow_hyphen_values = true)]
+    operator_flags: Vec<String>,
     /// Leave the cluster running afterwards.
     #[arg(long)]
     keep: bool,
@@ -362,6 +365,9 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<()> {
         .release_build();
     if let Some(binary) = &args.operator {
         fixture = fixture.binary(binary.clone());
+    }
+    for flag in &args.operator_flags {
+        fixture = fixture.flag(flag);
     }
     let operator = fixture.start().await?;
     let user = format!(

@@ -1,6 +1,8 @@
 //! The gray-upgrade operator: `GrayApp` instances upgraded in place, in batches, health-gated.
 
-pub mod api;
+/// The API types live in their own crate, which clients and tools depend on alone.
+pub use gray_upgrade_api as api;
+
 pub mod checks;
 pub mod controller;
 pub mod metrics;
@@ -13,9 +15,6 @@ pub mod reasons;
 pub mod reconcile;
 pub mod revision;
 pub mod status;
-
-#[cfg(test)]
-mod api_tests;
 
 #[cfg(test)]
 mod plan_tests;

@@ -7,7 +7,7 @@ use kube::core::cel::Validator;
 use serde_json::{Value, json};
 
 /// The CRD as published: what `make generate` wrote and the API server installs.
-const PUBLISHED: &str = include_str!("../../../crds/gray-upgrade.yaml");
+const PUBLISHED: &str = include_str!("../../../../crds/gray-upgrade.yaml");
 
 fn published() -> CustomResourceDefinition {
     serde_yaml::from_str(PUBLISHED).expect("crds/gray-upgrade.yaml is a CRD")
@@ -29,7 +29,7 @@ fn schema() -> Value {
 fn the_published_crd_is_what_the_operator_renders() {
     // So the file cannot drift from the code, and the rules tested here are the ones installed.
     let rendered =
-        gantry_kit::crd::to_yaml("gantry-gray-upgrade", &[crate::api::crd()]).expect("renders");
+        gantry_kit::crd::to_yaml("gantry-gray-upgrade", &[crate::crd()]).expect("renders");
     assert!(
         rendered == PUBLISHED,
         "crds/gray-upgrade.yaml is stale: run `cargo xtask generate`"
@@ -142,7 +142,7 @@ fn every_rule_names_its_field_and_the_offending_value() {
 #[test]
 fn crd_follows_the_conventions() {
     assert_eq!(
-        gantry_kit::crd::lint_with_embedded(&crate::api::crd(), crate::api::EMBEDDED),
+        gantry_kit::crd::lint_with_embedded(&crate::crd(), crate::EMBEDDED),
         Vec::<String>::new()
     );
 }
@@ -150,7 +150,7 @@ fn crd_follows_the_conventions() {
 #[test]
 fn crd_fits_client_side_apply() {
     // kubectl apply without --server-side stores the object in an annotation of at most 256 KiB.
-    let json = serde_json::to_string(&crate::api::crd()).expect("serialises");
+    let json = serde_json::to_string(&crate::crd()).expect("serialises");
     assert!(json.len() < 200 * 1024, "CRD is {} bytes", json.len());
 }
 
@@ -171,7 +171,7 @@ fn crd_has_scale_subresource_for_kubectl_scale_and_hpa() {
 
 #[test]
 fn kubectl_get_shows_the_images_instances_run() {
-    let crd = crate::api::crd();
+    let crd = crate::crd();
     let columns = crd.spec.versions[0]
         .additional_printer_columns
         .as_ref()
@@ -277,7 +277,7 @@ fn zero_max_unavailable_is_rejected() {
 fn batch_with_two_selections_is_rejected() {
     assert_rejected(
         &app(json!({"update": {"batches": [{"instances": [1], "count": 3}]}})),
-        "spec.update.batches[0]: a batch names instances, or a selector, or a count, not several; this one has instances and count",
+        "spec.update.batches[0]: a batch names instances, or a selector, or a count, not several; this one has instances and a count",
     );
 }
 

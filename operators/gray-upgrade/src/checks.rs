@@ -1,10 +1,15 @@
-//! The optional health checks: an HTTP GET per instance and a Prometheus query per batch.
-//! One HTTP/1.1 request over a TCP stream, plain or TLS: the checks need a status code or one
-//! number, and this keeps a full HTTP client out of the operator.
+//! The optional health checks: an HTTP GET per instance and a Prometheus query per batch, on
+//! hyper's client (the one the Kubernetes client uses too), over rustls.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 
 pub use crate::model::MetricVerdict;
 
@@ -126,6 +131,29 @@ pub fn judge(value: Result<f64, String>, max_value: f64) -> MetricVerdict {
     }
 }
 
+/// The client for a transport, built once: connections are kept and reused.
+type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+fn client(transport: Transport) -> Result<HttpClient, String> {
+    static VERIFIED: OnceLock<Result<HttpClient, String>> = OnceLock::new();
+    static UNVERIFIED: OnceLock<Result<HttpClient, String>> = OnceLock::new();
+    let build = |verify: bool| {
+        let config = tls::config(verify)?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*config).clone())
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Client::builder(TokioExecutor::new()).build(connector))
+    };
+    match transport {
+        Transport::Tls => VERIFIED.get_or_init(|| build(true)).clone(),
+        Transport::Plain | Transport::TlsUnverified => {
+            UNVERIFIED.get_or_init(|| build(false)).clone()
+        }
+    }
+}
+
 /// GET `path` from `authority` (host:port) over `transport`; the status code and body.
 pub async fn http_get(
     transport: Transport,
@@ -133,56 +161,48 @@ pub async fn http_get(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
-    let host = authority
-        .rsplit_once(':')
-        .map_or(authority, |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: gantry-gray-upgrade\r\nConnection: close\r\n\r\n"
-    );
+    let scheme = match transport {
+        Transport::Plain => "http",
+        Transport::Tls | Transport::TlsUnverified => "https",
+    };
+    let uri: http::Uri = format!("{scheme}://{authority}{path}")
+        .parse()
+        .map_err(|e| format!("{scheme}://{authority}{path} is not a URL: {e}"))?;
+    let request = http::Request::get(uri)
+        .header(http::header::USER_AGENT, "gantry-gray-upgrade")
+        .body(Empty::new())
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let client = client(transport)?;
     let exchange = async {
-        let stream = tokio::net::TcpStream::connect(authority)
+        let response = client
+            .request(request)
             .await
-            .map_err(|e| format!("connect {authority}: {e}"))?;
-        let response = match transport {
-            Transport::Plain => send(stream, &request).await?,
-            Transport::Tls | Transport::TlsUnverified => {
-                let config = tls::config(transport == Transport::Tls)?;
-                let name = rustls::pki_types::ServerName::try_from(host.to_string())
-                    .map_err(|e| format!("{host} cannot be a TLS server name: {e}"))?;
-                let stream = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, stream)
-                    .await
-                    .map_err(|e| format!("TLS with {authority}: {e}"))?;
-                send(stream, &request).await?
-            }
-        };
-        parse_response(&String::from_utf8_lossy(&response))
+            .map_err(|e| format!("GET {authority}{path}: {}", error_chain(&e)))?;
+        let code = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer from {authority}: {e}"))?
+            .to_bytes();
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| format!("no answer from {authority} within {timeout:?}"))?
 }
 
-async fn send<S>(mut stream: S, request: &str) -> Result<Vec<u8>, String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut response = Vec::new();
-    match stream.read_to_end(&mut response).await {
-        Ok(_) => Ok(response),
-        // Servers often close TLS without a close_notify once the response is sent; what
-        // arrived is the whole answer when it parses.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {
-            Ok(response)
-        }
-        Err(e) => Err(format!("read: {e}")),
+/// An error with its causes, as one line: the client's own message is often only "client
+/// error (Connect)".
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
     }
+    text
 }
 
 mod tls {
@@ -277,43 +297,6 @@ mod tls {
     }
 }
 
-/// Status code and body of an HTTP/1.x response (chunked bodies are de-chunked).
-pub fn parse_response(text: &str) -> Result<(u16, String), String> {
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
-    let code = head
-        .lines()
-        .next()
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| "not an HTTP response".to_string())?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:")
-            && l.to_ascii_lowercase().contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Ok((code, body))
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
 /// Runs the batch's Prometheus query.
 pub async fn prometheus(
     address: &str,
@@ -345,6 +328,7 @@ pub async fn prometheus(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn addresses() {
@@ -428,21 +412,6 @@ mod tests {
             judge(Err("down".into()), 1.0),
             MetricVerdict::Unknown(_)
         ));
-    }
-
-    #[test]
-    fn responses() {
-        assert_eq!(
-            parse_response("HTTP/1.1 204 No Content\r\n\r\n"),
-            Ok((204, String::new()))
-        );
-        assert_eq!(
-            parse_response(
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
-            ),
-            Ok((200, "abcde".into()))
-        );
-        assert!(parse_response("garbage").is_err());
     }
 
     #[tokio::test]

@@ -38,22 +38,50 @@ pub struct StatusInput<'a> {
     pub now: &'a Time,
 }
 
-fn instance_state(pod: Option<&PodView>) -> &'static str {
-    match pod {
-        None => "Missing",
-        Some(p) if p.deleting => "Terminating",
-        Some(p) if p.available() => "Running",
-        Some(p)
-            if p.record
-                .as_ref()
-                .is_some_and(|r| Some(&r.revision) == p.revision.as_ref())
-                && !p.in_place_done() =>
-        {
-            "Updating"
+/// Where an instance stands, as the status table shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstanceState {
+    Missing,
+    Terminating,
+    Running,
+    Updating,
+    Draining,
+    Starting,
+    Unready,
+}
+
+impl InstanceState {
+    pub fn of(pod: Option<&PodView>) -> Self {
+        match pod {
+            None => InstanceState::Missing,
+            Some(p) if p.deleting => InstanceState::Terminating,
+            Some(p) if p.available() => InstanceState::Running,
+            Some(p)
+                if p.record
+                    .as_ref()
+                    .is_some_and(|r| Some(&r.revision) == p.revision.as_ref())
+                    && !p.in_place_done() =>
+            {
+                InstanceState::Updating
+            }
+            Some(p) if p.in_service == Some(false) && p.containers_ready() => {
+                InstanceState::Draining
+            }
+            Some(p) if p.containers_ready() => InstanceState::Starting,
+            Some(_) => InstanceState::Unready,
         }
-        Some(p) if p.in_service == Some(false) && p.containers_ready() => "Draining",
-        Some(p) if p.containers_ready() => "Starting",
-        Some(_) => "Unready",
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Missing => "Missing",
+            InstanceState::Terminating => "Terminating",
+            InstanceState::Running => "Running",
+            InstanceState::Updating => "Updating",
+            InstanceState::Draining => "Draining",
+            InstanceState::Starting => "Starting",
+            InstanceState::Unready => "Unready",
+        }
     }
 }
 
@@ -107,10 +135,10 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
         .iter()
         .flat_map(|v| v.instances.iter().map(move |o| (*o, v.name.as_str())))
         .collect();
-    let mut unsteady: Vec<(Ordinal, &'static str)> = Vec::new();
+    let mut unsteady: Vec<(Ordinal, InstanceState)> = Vec::new();
     for o in &desired {
         let pod = pods.get(o);
-        let state = instance_state(pod.map(AsRef::as_ref));
+        let state = InstanceState::of(pod.map(AsRef::as_ref));
         let revision = pod.and_then(|p| p.revision.as_deref());
         let at_rest = match variant_of.get(o) {
             Some(variant) => revision
@@ -118,12 +146,14 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
                 .is_some_and(|v| v == variant),
             None => revision == Some(input.update_revision),
         };
-        if !(state == "Running" && at_rest) {
+        if !(state == InstanceState::Running && at_rest) {
             unsteady.push((*o, state));
         }
     }
-    let (busy, idle): (Vec<_>, Vec<_>) = unsteady.into_iter().partition(|(_, s)| *s != "Running");
-    let mut listed: Vec<(Ordinal, &'static str)> = busy
+    let (busy, idle): (Vec<_>, Vec<_>) = unsteady
+        .into_iter()
+        .partition(|(_, s)| *s != InstanceState::Running);
+    let mut listed: Vec<(Ordinal, InstanceState)> = busy
         .into_iter()
         .chain(idle)
         .take(INSTANCE_TABLE_LIMIT)
@@ -144,9 +174,9 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
             })
             .unwrap_or_default();
         let ready = pod.is_some_and(|p| p.available());
-        let unchanged = previous_rows
-            .get(name.as_str())
-            .filter(|prev| prev.revision == revision && prev.ready == ready && prev.state == state);
+        let unchanged = previous_rows.get(name.as_str()).filter(|prev| {
+            prev.revision == revision && prev.ready == ready && prev.state == state.as_str()
+        });
         instances.push(InstanceStatus {
             last_transition_time: unchanged
                 .and_then(|p| p.last_transition_time.clone())
@@ -155,7 +185,7 @@ pub fn build(input: &StatusInput) -> GrayAppStatus {
             revision,
             images,
             ready,
-            state: state.to_string(),
+            state: state.as_str().to_string(),
             node: pod.and_then(|p| p.node.clone()),
         });
     }

@@ -190,6 +190,38 @@ fn waves(n: u32, batches: u32) -> u32 {
         .sum()
 }
 
+/// The app's batch events: each batch's instances, duration and time away from service.
+async fn print_batch_events(client: &kube::Client, namespace: &str) -> Result<()> {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), namespace);
+    let mut batches: Vec<(String, String)> = events
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e.reason.as_deref(),
+                Some("BatchPromoted" | "RolloutCompleted")
+            )
+        })
+        .map(|e| {
+            let at = e
+                .event_time
+                .map(|t| t.0.to_string())
+                .unwrap_or_default();
+            (at, e.note.unwrap_or_default())
+        })
+        .collect();
+    batches.sort();
+    println!("batch events:");
+    for (at, note) in batches {
+        println!("  {at}  {note}");
+    }
+    println!();
+    Ok(())
+}
+
 /// What watching one rollout measured.
 struct Rollout {
     instances: u32,
@@ -411,6 +443,7 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<()> {
         pid,
     };
     probe.rollout(args, n, "app:v2").await?.print();
+    print_batch_events(&client, &namespace).await?;
 
     if let Some(scale) = args.scale {
         let grown = Instant::now();

@@ -206,10 +206,7 @@ async fn print_batch_events(client: &kube::Client, namespace: &str) -> Result<()
             )
         })
         .map(|e| {
-            let at = e
-                .event_time
-                .map(|t| t.0.to_string())
-                .unwrap_or_default();
+            let at = e.event_time.map(|t| t.0.to_string()).unwrap_or_default();
             (at, e.note.unwrap_or_default())
         })
         .collect();

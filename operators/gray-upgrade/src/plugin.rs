@@ -487,18 +487,13 @@ mod tests {
             failed: &[i32],
         ) -> RolloutStatus {
             RolloutStatus {
-                revision: NEW.into(),
                 phase,
                 batch,
-                batches: 3,
                 batch_progress: format!("{}/3", batch + 1),
                 members: members.to_vec(),
                 failed: failed.to_vec(),
                 batch_started_at: Some(Time(Timestamp::UNIX_EPOCH)),
-                healthy_since: None,
-                origins: BTreeMap::new(),
-                aborted: false,
-                message: String::new(),
+                ..RolloutStatus::new(NEW, 3)
             }
         }
 

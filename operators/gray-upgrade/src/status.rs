@@ -811,19 +811,12 @@ mod tests {
         let pods = three_on("ocr-a");
         let previous = GrayAppStatus {
             rollout: Some(crate::api::RolloutStatus {
-                revision: "ocr-b".into(),
                 phase: RolloutPhase::Aborted,
-                batch: 0,
-                batches: 1,
-                batch_progress: "1/1".into(),
                 members: vec![0],
-                failed: Vec::new(),
-                batch_started_at: None,
-                healthy_since: None,
-                origins: BTreeMap::new(),
                 aborted: true,
                 message: "every instance rollout ocr-b moved is back on its previous revision"
                     .into(),
+                ..crate::api::RolloutStatus::new("ocr-b", 1)
             }),
             ..GrayAppStatus::default()
         };
@@ -881,18 +874,8 @@ mod tests {
         let plan = Plan {
             actions: Vec::new(),
             rollout: crate::api::RolloutStatus {
-                revision: "ocr-b".into(),
-                phase: RolloutPhase::Progressing,
-                batch: 0,
-                batches: 1,
-                batch_progress: "1/1".into(),
                 members: vec![1],
-                failed: Vec::new(),
-                batch_started_at: None,
-                healthy_since: None,
-                origins: BTreeMap::new(),
-                aborted: false,
-                message: String::new(),
+                ..crate::api::RolloutStatus::new("ocr-b", 1)
             },
             current_revision: None,
             notes: Vec::new(),

@@ -612,6 +612,26 @@ pub struct RolloutStatus {
     pub message: String,
 }
 
+impl RolloutStatus {
+    /// A rollout of `revision` in `batches` batches, before its first batch starts.
+    pub fn new(revision: &str, batches: i32) -> Self {
+        Self {
+            revision: revision.to_string(),
+            phase: RolloutPhase::Progressing,
+            batch: 0,
+            batches,
+            batch_progress: String::new(),
+            members: Vec::new(),
+            failed: Vec::new(),
+            batch_started_at: None,
+            healthy_since: None,
+            origins: BTreeMap::new(),
+            aborted: false,
+            message: String::new(),
+        }
+    }
+}
+
 /// Rollout phases.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
 pub enum RolloutPhase {

@@ -1,7 +1,5 @@
 //! Stage one: the rollout to work on, and the start of its next batch.
 
-use std::collections::BTreeMap;
-
 use super::{NoteReason, Planner, batch_goes_on, time};
 use crate::api::{RolloutPhase, RolloutStatus};
 use crate::model::{format_ranges, parse_ranges};
@@ -24,7 +22,7 @@ impl Planner<'_> {
                         ),
                     );
                 }
-                new_rollout(input.update_revision, total)
+                RolloutStatus::new(input.update_revision, total)
             }
         };
         // Batches appended after a completed rollout continue it: `kubectl gantry upgrade
@@ -98,23 +96,6 @@ impl Planner<'_> {
         rollout.message = "batch starting".into();
         rollout.batch_progress = format!("{}/{total}", index + 1);
         true
-    }
-}
-
-fn new_rollout(revision: &str, batches: i32) -> RolloutStatus {
-    RolloutStatus {
-        revision: revision.to_string(),
-        phase: RolloutPhase::Progressing,
-        batch: 0,
-        batches,
-        batch_progress: String::new(),
-        members: Vec::new(),
-        failed: Vec::new(),
-        batch_started_at: None,
-        healthy_since: None,
-        origins: BTreeMap::new(),
-        aborted: false,
-        message: String::new(),
     }
 }
 

@@ -190,18 +190,10 @@ mod tests {
 
     fn rollout(phase: RolloutPhase, message: &str) -> Option<RolloutStatus> {
         Some(RolloutStatus {
-            revision: "ocr-a".into(),
             phase,
-            batch: 0,
-            batches: 1,
-            batch_progress: "1/1".into(),
             members: vec![0],
-            failed: Vec::new(),
-            batch_started_at: None,
-            healthy_since: None,
-            origins: BTreeMap::new(),
-            aborted: false,
             message: message.into(),
+            ..RolloutStatus::new("ocr-a", 1)
         })
     }
 

@@ -308,6 +308,11 @@ mod tests {
         let mut other = Command::new("sleep");
         other.arg("60");
         let other = spawn_group(&mut other, &dir.join("other.log"))?;
+        // Right after the spawn, /proc may still show the command line from before the exec.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cmdline(ours).is_some_and(|c| c.contains(&marker)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         pids.record("ours", ours)?;
         pids.record("other", other)?;
         pids.stop_all(&marker, &[])?;

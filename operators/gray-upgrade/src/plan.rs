@@ -254,18 +254,16 @@ fn last_known_revisions(status: &GrayAppStatus) -> BTreeMap<Ordinal, &str> {
         .collect()
 }
 
-/// Lookups made for every instance, built once per plan.
+/// Lookups into the rollout made for every instance, built once per stage that needs them.
 struct Sets {
-    desired: BTreeSet<Ordinal>,
     members: BTreeSet<Ordinal>,
     /// Where each instance this rollout moved came from.
     origins: BTreeMap<Ordinal, String>,
 }
 
 impl Sets {
-    fn new(desired: &[Ordinal], rollout: &RolloutStatus) -> Self {
+    fn new(rollout: &RolloutStatus) -> Self {
         Self {
-            desired: desired.iter().copied().collect(),
             members: rollout.members.iter().copied().collect(),
             origins: rollout
                 .origins
@@ -282,7 +280,10 @@ impl Sets {
 
 struct Planner<'a> {
     input: &'a Input<'a>,
+    /// The ordinals the app should have, ascending.
     desired: Vec<Ordinal>,
+    /// The same ordinals, for lookups.
+    wanted: BTreeSet<Ordinal>,
     last_known: BTreeMap<Ordinal, &'a str>,
     notes: Vec<Note>,
     requeue: Option<Seconds>,
@@ -291,9 +292,11 @@ struct Planner<'a> {
 impl<'a> Planner<'a> {
     fn new(input: &'a Input<'a>) -> Self {
         let spec = input.spec;
+        let desired = desired_ordinals(spec.replicas, &spec.remove_instances);
         Self {
             input,
-            desired: desired_ordinals(spec.replicas, &spec.remove_instances),
+            wanted: desired.iter().copied().collect(),
+            desired,
             last_known: last_known_revisions(input.status),
             notes: Vec::new(),
             requeue: None,
@@ -463,13 +466,7 @@ fn select(batch: Option<&Batch>, outdated: Vec<Ordinal>, pods: &Instances) -> Ve
 /// came from, so later batches may take them again.
 pub fn preview(input: &Input) -> Vec<Vec<Ordinal>> {
     let spec = input.spec;
-    let planner = Planner {
-        input,
-        desired: desired_ordinals(spec.replicas, &spec.remove_instances),
-        last_known: last_known_revisions(input.status),
-        notes: Vec::new(),
-        requeue: None,
-    };
+    let planner = Planner::new(input);
     let rollout = input
         .status
         .rollout

@@ -55,8 +55,13 @@ impl Planner<'_> {
         ) {
             return health;
         }
-        let wanted: BTreeSet<Ordinal> = self.desired.iter().copied().collect();
-        for &member in rollout.members.iter().filter(|m| wanted.contains(m)) {
+        let wanted_members: Vec<Ordinal> = rollout
+            .members
+            .iter()
+            .copied()
+            .filter(|m| self.wanted.contains(m))
+            .collect();
+        for member in wanted_members {
             if !health.failed.contains(&member) {
                 self.judge_member(rollout, member, &mut health);
             }

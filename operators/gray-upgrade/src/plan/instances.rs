@@ -51,7 +51,7 @@ impl<'a> Planner<'a> {
         failed: BTreeSet<Ordinal>,
     ) -> Acted {
         let input = self.input;
-        let sets = Sets::new(&self.desired, rollout);
+        let sets = Sets::new(rollout);
         let mut budget = Budget {
             max: max_unavailable(&input.spec.update.max_unavailable, self.desired.len()),
             unavailable: self
@@ -65,7 +65,7 @@ impl<'a> Planner<'a> {
             ..Acted::default()
         };
         for (ordinal, pod) in input.pods {
-            if !sets.desired.contains(ordinal) && !pod.deleting {
+            if !self.wanted.contains(ordinal) && !pod.deleting {
                 acted.actions.push(Action::Delete {
                     ordinal: *ordinal,
                     uid: pod.uid.clone(),
@@ -77,7 +77,7 @@ impl<'a> Planner<'a> {
             .members
             .iter()
             .copied()
-            .filter(|o| sets.desired.contains(o))
+            .filter(|o| self.wanted.contains(o))
             .chain(
                 self.desired
                     .iter()

@@ -70,10 +70,9 @@ impl Planner<'_> {
         }
         rollout.healthy_since = None;
         rollout.phase = RolloutPhase::Progressing;
-        let wanted: BTreeSet<Ordinal> = self.desired.iter().copied().collect();
         let pending = members
             .iter()
-            .filter(|m| wanted.contains(m) && !health.failed.contains(m))
+            .filter(|m| self.wanted.contains(m) && !health.failed.contains(m))
             .count();
         if !health.waiting_for_metric {
             rollout.message = format!(
@@ -87,7 +86,7 @@ impl Planner<'_> {
     /// then is the instance's health, reported by the app's conditions, not the rollout's.
     fn finish_rollback(&mut self, rollout: &mut RolloutStatus, acted: &Acted) {
         let input = self.input;
-        let sets = Sets::new(&self.desired, rollout);
+        let sets = Sets::new(rollout);
         let still_away = self
             .desired
             .iter()

@@ -599,6 +599,30 @@ mod tests {
         Time(Timestamp::from_second(1_000).expect("valid"))
     }
 
+    /// A status input with nothing but the spec, the pods and the clock: each test names what
+    /// differs from it.
+    fn input<'a>(spec: &'a GrayAppSpec, pods: &'a Instances, now: &'a Time) -> StatusInput<'a> {
+        StatusInput {
+            app: "ocr",
+            generation: None,
+            spec,
+            previous: &NO_STATUS,
+            pods,
+            revisions: &NO_REVISIONS,
+            variant_names: &NO_VARIANTS,
+            update_revision: "ocr-a",
+            plan: None,
+            invalid: None,
+            write_failure: None,
+            now,
+        }
+    }
+
+    static NO_STATUS: std::sync::LazyLock<GrayAppStatus> =
+        std::sync::LazyLock::new(GrayAppStatus::default);
+    static NO_REVISIONS: BTreeMap<String, Revision> = BTreeMap::new();
+    static NO_VARIANTS: BTreeMap<String, String> = BTreeMap::new();
+
     #[test]
     fn converged_app_is_ready_with_revision_spread() {
         let spec = spec(3);
@@ -612,18 +636,8 @@ mod tests {
             .collect();
         let now = now();
         let status = build(&StatusInput {
-            app: "ocr",
             generation: Some(2),
-            spec: &spec,
-            previous: &GrayAppStatus::default(),
-            pods: &pods,
-            revisions: &BTreeMap::new(),
-            variant_names: &BTreeMap::new(),
-            update_revision: "ocr-a",
-            plan: None,
-            invalid: None,
-            write_failure: None,
-            now: &now,
+            ..input(&spec, &pods, &now)
         });
         assert_eq!(
             (
@@ -702,18 +716,9 @@ mod tests {
         .collect();
         let now = now();
         let status = build(&StatusInput {
-            app: "ocr",
-            generation: None,
-            spec: &spec,
-            previous: &GrayAppStatus::default(),
-            pods: &pods,
             revisions: &revisions,
-            variant_names: &BTreeMap::new(),
             update_revision: "ocr-b",
-            plan: None,
-            invalid: None,
-            write_failure: None,
-            now: &now,
+            ..input(&spec, &pods, &now)
         });
         assert_eq!(status.images, "ocr:v8 (20), ocr:v7 (5)");
     }
@@ -774,33 +779,6 @@ mod tests {
         assert_eq!(selector_string(&spec), "app=ocr,track notin (canary)");
     }
 
-    fn input_with<'a>(
-        spec: &'a GrayAppSpec,
-        pods: &'a Instances,
-        previous: &'a GrayAppStatus,
-        plan: Option<&'a Plan>,
-        write_failure: Option<&'a WriteFailure>,
-        now: &'a Time,
-    ) -> StatusInput<'a> {
-        StatusInput {
-            app: "ocr",
-            generation: Some(3),
-            spec,
-            previous,
-            pods,
-            revisions: &EMPTY_REVISIONS,
-            variant_names: &EMPTY_NAMES,
-            update_revision: "ocr-b",
-            plan,
-            invalid: None,
-            write_failure,
-            now,
-        }
-    }
-
-    static EMPTY_REVISIONS: BTreeMap<String, Revision> = BTreeMap::new();
-    static EMPTY_NAMES: BTreeMap<String, String> = BTreeMap::new();
-
     fn three_on(rev: &str) -> Instances {
         (0..3).map(|o| (o, Arc::new(running(o, rev)))).collect()
     }
@@ -821,7 +799,11 @@ mod tests {
             ..GrayAppStatus::default()
         };
         let now = now();
-        let status = build(&input_with(&spec, &pods, &previous, None, None, &now));
+        let status = build(&StatusInput {
+            previous: &previous,
+            update_revision: "ocr-b",
+            ..input(&spec, &pods, &now)
+        });
         assert!(conditions::is_true(&status.conditions, conditions::READY));
         assert!(!conditions::is_true(
             &status.conditions,
@@ -848,15 +830,11 @@ mod tests {
             message: "pods \"ocr-1\" is forbidden".into(),
         };
         let now = now();
-        let previous = GrayAppStatus::default();
-        let status = build(&input_with(
-            &spec,
-            &pods,
-            &previous,
-            None,
-            Some(&failure),
-            &now,
-        ));
+        let status = build(&StatusInput {
+            write_failure: Some(&failure),
+            update_revision: "ocr-b",
+            ..input(&spec, &pods, &now)
+        });
         let stalled = conditions::get(&status.conditions, conditions::STALLED).expect("Stalled");
         assert_eq!(stalled.status, "True");
         assert_eq!(stalled.reason, "WriteForbidden");
@@ -885,15 +863,11 @@ mod tests {
             unreadable: [1].into(),
         };
         let now = now();
-        let previous = GrayAppStatus::default();
-        let status = build(&input_with(
-            &spec,
-            &pods,
-            &previous,
-            Some(&plan),
-            None,
-            &now,
-        ));
+        let status = build(&StatusInput {
+            plan: Some(&plan),
+            update_revision: "ocr-b",
+            ..input(&spec, &pods, &now)
+        });
         let degraded = conditions::get(&status.conditions, DEGRADED).expect("Degraded");
         assert_eq!(degraded.status, "True");
         assert_eq!(degraded.reason, "InPlaceRecordUnreadable");
@@ -904,19 +878,10 @@ mod tests {
     fn invalid_spec_is_stalled() {
         let spec = spec(1);
         let now = now();
+        let no_pods = Instances::new();
         let status = build(&StatusInput {
-            app: "ocr",
-            generation: Some(1),
-            spec: &spec,
-            previous: &GrayAppStatus::default(),
-            pods: &BTreeMap::new(),
-            revisions: &BTreeMap::new(),
-            variant_names: &BTreeMap::new(),
-            update_revision: "ocr-a",
-            plan: None,
             invalid: Some("selector does not match the template's labels"),
-            write_failure: None,
-            now: &now,
+            ..input(&spec, &no_pods, &now)
         });
         assert!(conditions::is_true(&status.conditions, conditions::STALLED));
         assert!(!conditions::is_true(&status.conditions, conditions::READY));
@@ -932,20 +897,7 @@ mod tests {
             p.ready = false;
         }
         let now = now();
-        let status = build(&StatusInput {
-            app: "ocr",
-            generation: None,
-            spec: &spec,
-            previous: &GrayAppStatus::default(),
-            pods: &pods,
-            revisions: &BTreeMap::new(),
-            variant_names: &BTreeMap::new(),
-            update_revision: "ocr-a",
-            plan: None,
-            invalid: None,
-            write_failure: None,
-            now: &now,
-        });
+        let status = build(&input(&spec, &pods, &now));
         assert_eq!(status.instances.len(), 1);
         assert_eq!(status.instances[0].name, "ocr-7");
         assert_eq!(status.revisions[0].instances, "0-999");
@@ -958,18 +910,8 @@ mod tests {
     ) -> GrayAppStatus {
         let now = now();
         build(&StatusInput {
-            app: "ocr",
-            generation: None,
-            spec,
-            previous: &GrayAppStatus::default(),
-            pods,
-            revisions: &BTreeMap::new(),
             variant_names,
-            update_revision: "ocr-a",
-            plan: None,
-            invalid: None,
-            write_failure: None,
-            now: &now,
+            ..input(spec, pods, &now)
         })
     }
 
@@ -1042,18 +984,8 @@ mod tests {
         let t1 = now();
         let input = |previous: &GrayAppStatus, now: &Time| {
             build(&StatusInput {
-                app: "ocr",
-                generation: None,
-                spec: &spec,
                 previous,
-                pods: &pods,
-                revisions: &BTreeMap::new(),
-                variant_names: &BTreeMap::new(),
-                update_revision: "ocr-a",
-                plan: None,
-                invalid: None,
-                write_failure: None,
-                now,
+                ..input(&spec, &pods, now)
             })
         };
         let first = input(&GrayAppStatus::default(), &t1);

@@ -84,61 +84,15 @@ impl Reason for NoteReason {
     }
 }
 
-/// The app's spec cannot be acted on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InvalidSpec;
-
-impl InvalidSpec {
-    pub const REASON: &'static str = "InvalidSpec";
-}
-
-impl Reason for InvalidSpec {
-    fn reason(self) -> &'static str {
-        Self::REASON
-    }
-
-    fn event_type(self) -> EventType {
-        EventType::Warning
-    }
-
-    fn action(self) -> &'static str {
-        "Validate"
-    }
-}
-
-/// A write the API server refused: the app says which, and holds its rollout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WriteFailed;
-
-impl Reason for WriteFailed {
-    fn reason(self) -> &'static str {
-        "WriteFailed"
-    }
-
-    fn event_type(self) -> EventType {
-        EventType::Warning
-    }
-
-    fn action(self) -> &'static str {
-        "Write"
-    }
-}
-
-/// A stored ControllerRevision cannot be read as a pod template.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RevisionUndecodable;
-
-impl Reason for RevisionUndecodable {
-    fn reason(self) -> &'static str {
-        "RevisionUndecodable"
-    }
-
-    fn event_type(self) -> EventType {
-        EventType::Warning
-    }
-
-    fn action(self) -> &'static str {
-        "Read"
+gantry_kit::reasons! {
+    /// Something about the app itself, not one of its instances, that a person must look at.
+    pub enum AppProblem {
+        /// The app's spec cannot be acted on.
+        InvalidSpec => Warning, "Validate";
+        /// A write the API server refused: the app says which, and holds its rollout.
+        WriteFailed => Warning, "Write";
+        /// A stored ControllerRevision cannot be read as a pod template.
+        RevisionUndecodable => Warning, "Read";
     }
 }
 
@@ -203,6 +157,14 @@ mod tests {
             assert!(reason.starts_with("Instance") && reason.chars().all(char::is_alphanumeric));
             assert!(seen.insert(reason), "{reason} twice");
             assert!(!step.phrase().is_empty());
+        }
+        for problem in [
+            AppProblem::InvalidSpec,
+            AppProblem::WriteFailed,
+            AppProblem::RevisionUndecodable,
+        ] {
+            assert_eq!(problem.event_type(), EventType::Warning);
+            assert!(seen.insert(problem.reason()), "{problem:?} twice");
         }
     }
 

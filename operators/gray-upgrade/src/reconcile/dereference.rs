@@ -14,7 +14,7 @@ use super::{Context, Error, write_failure};
 use crate::api::GrayApp;
 use crate::model::{Instances, Verb, Written};
 use crate::objects;
-use crate::reasons::RevisionUndecodable;
+use crate::reasons::AppProblem;
 use crate::revision::{Revision, Wanted};
 
 /// What the app has in the cluster.
@@ -92,7 +92,7 @@ async fn report_undecodable(app: &GrayApp, ctx: &Context, object: &ControllerRev
         .events()
         .publish(
             &app.object_ref(&()),
-            RevisionUndecodable,
+            AppProblem::RevisionUndecodable,
             format!("ControllerRevision {name} cannot be read as a pod template: {why}"),
         )
         .await;

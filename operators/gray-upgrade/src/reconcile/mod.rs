@@ -39,7 +39,7 @@ use crate::api::{ANNOTATION_ABORT, ANNOTATION_APPROVE, GrayApp, GrayAppStatus};
 use crate::metrics::{GrayMetrics, RevisionLabels};
 use crate::model::{Expected, Ordinal, PodView, Verb, WriteFailure, Written, pod_name};
 use crate::plan::{self, Action, Input, NoteReason, Plan};
-use crate::reasons::{Step, WriteFailed};
+use crate::reasons::{AppProblem, Step};
 use crate::revision::Wanted;
 
 /// Why a reconcile failed.
@@ -234,7 +234,7 @@ async fn settle_failures(
         );
         ctx.runtime
             .events()
-            .publish(&app.object_ref(&()), WriteFailed, note)
+            .publish(&app.object_ref(&()), AppProblem::WriteFailed, note)
             .await;
     }
     let reported = update_status::build(&Built {

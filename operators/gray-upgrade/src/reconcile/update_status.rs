@@ -19,9 +19,9 @@ use super::{Context, Error, write_failure};
 use crate::api::{GrayApp, GrayAppStatus};
 use crate::model::{Verb, WriteFailure, Written};
 use crate::plan::Plan;
-use crate::reasons::InvalidSpec;
+use crate::reasons::AppProblem;
 use crate::revision::{Revision, Wanted};
-use crate::status::{self, StatusInput};
+use crate::status::{self, ConditionReason, StatusInput};
 
 /// The longest a status change that alters nothing of the rollout's course waits to be
 /// written.
@@ -171,13 +171,17 @@ pub async fn report_invalid(
     let reported = previous
         .conditions
         .iter()
-        .any(|c| c.reason == InvalidSpec::REASON);
+        .any(|c| c.reason == ConditionReason::InvalidSpec.as_str());
     if !reported {
         writer
             .ctx
             .runtime
             .events()
-            .publish(&app.object_ref(&()), InvalidSpec, why.to_string())
+            .publish(
+                &app.object_ref(&()),
+                AppProblem::InvalidSpec,
+                why.to_string(),
+            )
             .await;
     }
     writer.write(previous, &status).await.map(|_| ())

@@ -191,6 +191,21 @@ impl PodView {
     pub fn available(&self) -> bool {
         !self.deleting && self.ready && self.in_service == Some(true)
     }
+
+    /// Whether an instance's pod going from `old` to `new` (`None`: gone) may be what a
+    /// rollout waits for: its containers becoming ready (an in-place restart done, so it can
+    /// go back in service), the pod becoming Ready (back in service, so the next one can go
+    /// out), or the pod going away (to be replaced). Its own writes, kills and falls out of
+    /// readiness are not awaited.
+    pub fn awaited(old: Option<&Self>, new: Option<&Self>) -> bool {
+        match (old, new) {
+            (Some(old), Some(new)) => {
+                (!old.containers_ready() && new.containers_ready()) || (!old.ready && new.ready)
+            }
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
 }
 
 /// Whether two image references name the same image, as the runtime resolves them
@@ -421,6 +436,53 @@ mod tests {
             }),
             ..PodView::default()
         }
+    }
+
+    /// A running pod with one container, `containers` ready or not, and Ready or not.
+    fn instance(containers: bool, ready: bool) -> PodView {
+        PodView {
+            containers: vec![container("c1", 0, 1, containers)],
+            ready,
+            in_service: Some(ready),
+            ..PodView::default()
+        }
+    }
+
+    #[test]
+    fn a_rollout_awaits_readiness_coming_and_pods_going_but_not_the_rest() {
+        let (stopped, restarted, ready) = (
+            instance(false, false),
+            instance(true, false),
+            instance(true, true),
+        );
+        let awaited = |old: &PodView, new: &PodView| PodView::awaited(Some(old), Some(new));
+        assert!(
+            awaited(&stopped, &restarted),
+            "restarted: can go back in service"
+        );
+        assert!(
+            awaited(&restarted, &ready),
+            "back in service: the next can go"
+        );
+        assert!(awaited(&stopped, &ready));
+        assert!(
+            !awaited(&ready, &restarted),
+            "out of service: our own doing"
+        );
+        assert!(
+            !awaited(&restarted, &stopped),
+            "killed: the restart is what counts"
+        );
+        let relabelled = PodView {
+            revision: Some("r2".into()),
+            ..stopped.clone()
+        };
+        assert!(!awaited(&stopped, &relabelled), "our own patch");
+        assert!(PodView::awaited(Some(&ready), None), "gone: to be replaced");
+        assert!(
+            !PodView::awaited(None, Some(&stopped)),
+            "new: not ready yet"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use gantry_kit::index::lean_meta;
+use gantry_kit::index::{Projection, lean_meta};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Deserialize;
@@ -113,6 +113,13 @@ fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
 }
 
 /// What the planner needs to know about a pod; `None` for a pod without an ordinal label.
+/// A rollout waiting for a pod acts on the change at once, not after the controller's pacing.
+impl Projection for PodView {
+    fn urgent(old: Option<&Self>, new: Option<&Self>) -> bool {
+        PodView::awaited(old, new)
+    }
+}
+
 pub fn pod_view(pod: &LeanPod) -> Option<PodView> {
     let meta = &pod.metadata;
     let ordinal: Ordinal = label(meta, LABEL_INSTANCE)?.parse().ok()?;

@@ -42,6 +42,9 @@ pub struct Change {
     pub controller: Option<Controlled>,
     /// The object is gone.
     pub deleted: bool,
+    /// The change may be what a reconcile is waiting for: it ends the pacing of the controller
+    /// it triggers (see [`crate::pacing`]). Only indexes judge changes so.
+    pub urgent: bool,
 }
 
 impl Change {
@@ -57,6 +60,7 @@ impl Change {
             name: meta.name.clone().unwrap_or_default(),
             controller,
             deleted,
+            urgent: false,
         }
     }
 }

@@ -23,8 +23,9 @@
 //! (`--reconcile-interval-ms` unless the controller sets its own, zero for a node agent) after
 //! it started holds the object until the interval is over, so that the changes arriving
 //! meanwhile (an object owning thousands of pods sees many) are handled together by one
-//! reconcile that starts with fresh caches. The first reconcile after a quiet spell starts at
-//! once.
+//! reconcile that starts with fresh caches. A change the object is waiting for (one its index
+//! judges urgent) ends the hold early: see [`crate::pacing`]. The first reconcile after a
+//! quiet spell starts at once.
 //!
 //! **Errors.** A transient error is retried after an exponential, jittered, capped backoff that
 //! grows per object, resets on the object's next success and is forgotten when the object is
@@ -56,6 +57,7 @@ use crate::conditions::{self, Summary};
 use crate::decode::Decoded;
 use crate::error::{ErrorClass, ReconcileError};
 use crate::events::Reason;
+use crate::pacing::Pacing;
 use crate::runtime::{ApiScope, Runtime};
 
 /// `namespace/name`, or `name` for cluster-scoped objects.
@@ -175,8 +177,8 @@ impl<K: Kind> ControllerBuilder<K> {
         self
     }
 
-    /// The least time between the starts of two reconciles of one object (zero reconciles on
-    /// every change).
+    /// The least time between the starts of two reconciles of one object, unless an urgent
+    /// change cuts it short (zero reconciles on every change).
     #[must_use]
     pub fn pacing(mut self, interval: Duration) -> Self {
         self.pacing = interval;
@@ -203,7 +205,7 @@ impl<K: Kind> ControllerBuilder<K> {
             ctx,
             reconcile,
             runtime: self.runtime.clone(),
-            pacing: self.pacing,
+            pacing: Pacing::new(self.pacing),
             backoff: Backoff::default(),
             memory: Mutex::default(),
         });
@@ -308,11 +310,21 @@ where
     for index in 0..triggers.len() {
         let triggers = Arc::clone(triggers);
         let everything = everything.clone();
+        let urge = Arc::clone(shared);
         let source = triggers[index].0.subscribe();
         all.push(
             source
                 .flat_map(move |seen| match seen {
-                    Seen::Changed(change) => stream::iter((triggers[index].1)(&change)).boxed(),
+                    Seen::Changed(change) => {
+                        let target = (triggers[index].1)(&change);
+                        if change.urgent
+                            && let Some(target) = &target
+                        {
+                            urge.pacing
+                                .urge(&key_of(target.namespace.as_deref(), &target.name));
+                        }
+                        stream::iter(target).boxed()
+                    }
                     Seen::Missed => everything(),
                 })
                 .boxed(),
@@ -330,7 +342,7 @@ struct Shared<Ctx, F> {
     ctx: Arc<Ctx>,
     reconcile: F,
     runtime: Runtime,
-    pacing: Duration,
+    pacing: Pacing,
     backoff: Backoff,
     memory: Mutex<Memory>,
 }
@@ -378,6 +390,7 @@ where
     let span = tracing::info_span!("reconcile", controller = shared.name, object = %key);
     let decoded = obj.0.clone();
     async move {
+        let hold = shared.pacing.start(&key);
         let started = Instant::now();
         let result = match decoded {
             Ok(object) => {
@@ -404,13 +417,10 @@ where
             }
             Err(err) => tracing::debug!(error = %err, ?elapsed, "reconcile failed"),
         }
-        let pause = shared.pacing.saturating_sub(elapsed);
-        if !pause.is_zero() {
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = shared.runtime.shutdown_token().cancelled() => {}
-            }
-        }
+        shared
+            .pacing
+            .hold(hold, shared.runtime.shutdown_token())
+            .await;
         result
     }
     .instrument(span)
@@ -566,7 +576,7 @@ mod tests {
             ctx: Arc::new(()),
             reconcile: (),
             runtime: crate::testing::test_runtime(),
-            pacing: Duration::ZERO,
+            pacing: Pacing::default(),
             backoff: Backoff::default(),
             memory: Mutex::new(memory),
         })

@@ -11,6 +11,12 @@
 //!
 //! Decode the watch into a lean type as well (see [`lean_meta`]) so that whole objects are never
 //! built, not even for a moment.
+//!
+//! Subscribers to [`Index::changes`] hear of a change only when what the index holds of an
+//! object changed (its projection or where it is filed): an operator whose projection leaves
+//! out what it does not read is not woken by changes to that. The projection's
+//! [`Projection::urgent`] marks the changes that a controller's reconcile may be waiting for,
+//! which end its pacing early (see [`crate::pacing`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -22,8 +28,21 @@ use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
-use crate::cache::{Changes, Synced, watch_events};
+use crate::cache::{Change, Changes, Synced, watch_events};
 use crate::runtime::Runtime;
+
+/// What an index keeps of each object.
+pub trait Projection: PartialEq + Send + Sync + 'static {
+    /// Whether the object going from `old` to `new` (`None`: not filed) is something that the
+    /// reconcile of its owner may be waiting for, to be acted on without waiting out the
+    /// controller's pacing. Only changes are asked about: `old` and `new` differ.
+    fn urgent(old: Option<&Self>, new: Option<&Self>) -> bool {
+        let _ = (old, new);
+        false
+    }
+}
+
+impl Projection for String {}
 
 /// Objects' projections by key and object. Cheap to clone; every clone sees the same cache.
 pub struct Index<V> {
@@ -72,9 +91,9 @@ impl<V> Default for Entries<V> {
 }
 
 impl<V> Entries<V> {
-    fn upsert(&mut self, object: ObjectKey, key: Option<String>, value: Option<V>) {
-        match (key, value) {
-            (Some(key), Some(value)) => {
+    fn upsert(&mut self, object: ObjectKey, held: Option<(String, V)>) {
+        match held {
+            Some((key, value)) => {
                 if self.key_of.get(&object).is_some_and(|k| *k != key) {
                     self.remove(&object);
                 }
@@ -88,8 +107,15 @@ impl<V> Entries<V> {
                     .insert(Arc::clone(&object), Arc::new(value));
                 self.key_of.insert(object, key);
             }
-            _ => self.remove(&object),
+            None => self.remove(&object),
         }
+    }
+
+    /// Where `object` is filed, and what is kept of it.
+    fn held(&self, object: &ObjectKey) -> Option<(&str, &Arc<V>)> {
+        let key = self.key_of.get(object)?;
+        let value = self.by_key.get(key)?.get(object)?;
+        Some((key.as_str(), value))
     }
 
     fn remove(&mut self, object: &ObjectKey) {
@@ -146,6 +172,16 @@ pub fn by_controller<K: Resource>(object: &K) -> Option<String> {
     controller_uid(object).map(str::to_owned)
 }
 
+/// Whether going from `before` to `after` (where an object is filed, and what is kept of it)
+/// is a change, and if so whether it is urgent.
+fn noticed<V: Projection>(
+    before: Option<(&str, &Arc<V>)>,
+    after: Option<(&str, &V)>,
+) -> Option<bool> {
+    let before = before.map(|(key, value)| (key, value.as_ref()));
+    (before != after).then(|| V::urgent(before.map(|(_, v)| v), after.map(|(_, v)| v)))
+}
+
 fn object_key<K: Resource>(object: &K) -> ObjectKey {
     let meta = object.meta();
     (
@@ -194,30 +230,32 @@ impl<V> Index<V> {
 
     /// Files one watch event: `key` says where an object goes (`None`: nowhere), `project` what
     /// to keep of it (`None`: nothing). Subscribers to [`Index::changes`] hear of the object
-    /// once it is filed.
+    /// once it is filed, if what is held of it changed.
     pub fn apply<K: Resource>(
         &self,
         event: &Event<K>,
         key: impl Fn(&K) -> Option<String>,
         project: impl Fn(&K) -> Option<V>,
-    ) {
+    ) where
+        V: Projection,
+    {
         // Objects are projected before the lock is taken, so that readers never wait on it.
         let filed = |object: &K| {
             let key = key(object);
             let value = key.as_ref().and_then(|_| project(object));
-            (object_key(object), key, value)
+            (object_key(object), key.zip(value))
         };
         match event {
             Event::Init => self.write().relisting = Some(Entries::default()),
             Event::InitApply(object) => {
-                let (object_key, key, value) = filed(object);
+                let (object_key, held) = filed(object);
                 let mut state = self.write();
                 let state = &mut *state;
                 state
                     .relisting
                     .as_mut()
                     .unwrap_or(&mut state.live)
-                    .upsert(object_key, key, value);
+                    .upsert(object_key, held);
             }
             Event::InitDone => {
                 {
@@ -227,14 +265,42 @@ impl<V> Index<V> {
                     }
                 }
                 self.shared.synced_tx.send_replace(true);
+                self.shared.changes.relisted();
             }
             Event::Apply(object) => {
-                let (object_key, key, value) = filed(object);
-                self.write().live.upsert(object_key, key, value);
+                let (object_key, held) = filed(object);
+                let urgent = {
+                    let mut state = self.write();
+                    let urgent = noticed(
+                        state.live.held(&object_key),
+                        held.as_ref().map(|(k, v)| (k.as_str(), v)),
+                    );
+                    state.live.upsert(object_key, held);
+                    urgent
+                };
+                if let Some(urgent) = urgent {
+                    self.shared.changes.send(Change {
+                        urgent,
+                        ..Change::of(object, false)
+                    });
+                }
             }
-            Event::Delete(object) => self.write().live.remove(&object_key(object)),
+            Event::Delete(object) => {
+                let object_key = object_key(object);
+                let urgent = {
+                    let mut state = self.write();
+                    let urgent = noticed(state.live.held(&object_key), None);
+                    state.live.remove(&object_key);
+                    urgent
+                };
+                if let Some(urgent) = urgent {
+                    self.shared.changes.send(Change {
+                        urgent,
+                        ..Change::of(object, true)
+                    });
+                }
+            }
         }
-        self.shared.changes.announce(event);
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State<V>> {
@@ -263,7 +329,7 @@ pub fn watch<K, V>(
 ) -> (Index<V>, impl Future<Output = ()> + Send + 'static)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
-    V: Send + Sync + 'static,
+    V: Projection,
 {
     let index = Index::default();
     let filing = index.clone();
@@ -289,7 +355,7 @@ impl Runtime {
     ) -> Index<V>
     where
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
-        V: Send + Sync + 'static,
+        V: Projection,
     {
         let (index, fill) = watch(api, config, key, project);
         self.keep_filled(what, fill, index.shared.synced.clone());
@@ -307,7 +373,7 @@ impl Runtime {
     ) -> Index<V>
     where
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
-        V: Send + Sync + 'static,
+        V: Projection,
     {
         self.index(what, api, config, by_controller, project)
     }
@@ -529,6 +595,61 @@ mod tests {
             panic!("expected the deletion next, not the listed object");
         };
         assert!(change.name == "p" && change.deleted);
+    }
+
+    /// A projection whose rises are urgent, as are deletions.
+    #[derive(Debug, PartialEq)]
+    struct Level(u32);
+
+    impl Projection for Level {
+        fn urgent(old: Option<&Self>, new: Option<&Self>) -> bool {
+            match (old, new) {
+                (Some(old), Some(new)) => new.0 > old.0,
+                (Some(_), None) => true,
+                (None, _) => false,
+            }
+        }
+    }
+
+    fn level(cm: &ConfigMap) -> Option<Level> {
+        value(cm)?.parse().ok().map(Level)
+    }
+
+    /// Every change announced so far, as (name, deleted, urgent).
+    fn announced(
+        changes: &mut (impl futures::Stream<Item = crate::cache::Seen> + Unpin),
+    ) -> Vec<(String, bool, bool)> {
+        use futures::{FutureExt as _, StreamExt as _};
+        let mut seen = Vec::new();
+        while let Some(Some(crate::cache::Seen::Changed(change))) = changes.next().now_or_never() {
+            seen.push((change.name, change.deleted, change.urgent));
+        }
+        seen
+    }
+
+    #[test]
+    fn only_changes_to_what_is_held_are_announced_each_judged_by_the_projection() {
+        let index: Index<Level> = Index::default();
+        let mut changes = Box::pin(index.changes().subscribe());
+        let apply = |event: &Event<ConfigMap>| index.apply(event, by_controller, level);
+        apply(&Event::Apply(object("a", Some("u1"), "1")));
+        apply(&Event::Apply(object("a", Some("u1"), "1")));
+        apply(&Event::Apply(object("a", Some("u1"), "2")));
+        apply(&Event::Apply(object("a", Some("u1"), "0")));
+        apply(&Event::Apply(object("a", Some("u2"), "0")));
+        apply(&Event::Apply(object("orphan", None, "5")));
+        apply(&Event::Delete(object("orphan", None, "5")));
+        apply(&Event::Delete(object("a", Some("u2"), "0")));
+        assert_eq!(
+            announced(&mut changes),
+            [
+                ("a".into(), false, false), // new
+                ("a".into(), false, true),  // risen; the repeat before it was not announced
+                ("a".into(), false, false), // fallen
+                ("a".into(), false, false), // moved to another owner
+                ("a".into(), true, true),   // deleted; nothing of the orphan was ever held
+            ]
+        );
     }
 
     #[test]

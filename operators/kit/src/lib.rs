@@ -36,6 +36,7 @@ pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod mock_api;
+pub mod pacing;
 pub mod runtime;
 pub mod selector;
 pub mod telemetry;

@@ -255,14 +255,14 @@ fn last_known_revisions(status: &GrayAppStatus) -> BTreeMap<Ordinal, &str> {
 }
 
 /// Lookups into the rollout made for every instance, built once per stage that needs them.
-struct Sets {
+struct Sets<'r> {
     members: BTreeSet<Ordinal>,
     /// Where each instance this rollout moved came from.
-    origins: BTreeMap<Ordinal, String>,
+    origins: BTreeMap<Ordinal, &'r str>,
 }
 
-impl Sets {
-    fn new(rollout: &RolloutStatus) -> Self {
+impl<'r> Sets<'r> {
+    fn new(rollout: &'r RolloutStatus) -> Self {
         Self {
             members: rollout.members.iter().copied().collect(),
             origins: rollout
@@ -271,7 +271,7 @@ impl Sets {
                 .flat_map(|(revision, ranges)| {
                     parse_ranges(ranges)
                         .into_iter()
-                        .map(move |o| (o, revision.clone()))
+                        .map(move |o| (o, revision.as_str()))
                 })
                 .collect(),
         }
@@ -341,7 +341,7 @@ impl<'a> Planner<'a> {
     fn return_target(&self, rollout: &RolloutStatus, sets: &Sets, ordinal: Ordinal) -> String {
         let running = self.running_revision(ordinal);
         let back_to = match sets.origins.get(&ordinal) {
-            Some(origin) if running == rollout.revision => origin.as_str(),
+            Some(origin) if running == rollout.revision => origin,
             _ => running,
         };
         if self.still_wanted(back_to) {

@@ -174,18 +174,19 @@ pub async fn reconcile(app: Arc<GrayApp>, ctx: Arc<Context>) -> Result<Requeue, 
     };
     let status = update_status::build(&built);
     let written = writer.write(&previous, &status).await?;
-    publish_notes(&app, &ctx, &plan, &previous, now_s).await;
-
-    let executed = Executor {
+    let executor = Executor {
         app: &app,
         ctx: &ctx,
         namespace: &namespace,
         world: &world,
         now: now_s,
         stamp: now_t.0.to_string(),
-    }
-    .execute(&plan.actions)
-    .await;
+    };
+    // The notes (events) are for people: the actions do not wait for them.
+    let ((), executed) = futures::join!(
+        publish_notes(&app, &ctx, &plan, &previous, now_s),
+        executor.execute(&plan.actions)
+    );
     expect_writes(&ctx, &key, &plan, &world, &executed, now_s);
     record_steps(&app, &ctx, &executed).await;
     let outcome = settle_failures(

@@ -4,7 +4,7 @@
 //! the interval is over, so that the changes arriving meanwhile (an object owning thousands of
 //! pods sees many) are handled together by one reconcile that starts with fresh caches. A
 //! change the object's reconcile is waiting for (an urgent one, as the index that saw it
-//! judged: see [`crate::index::Projection`]) ends the hold, though not before a quarter of the
+//! judged: see [`crate::index::Projection`]) ends the hold, though not before half the
 //! interval has passed since the reconcile started, so that a burst of them still shares
 //! reconciles. An urgent change that arrives while the reconcile is still running counts too:
 //! the reconcile may have read the caches before it.
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// The share of the interval that an urgent change still waits for.
-const LEAST_SHARE: u32 = 4;
+const LEAST_SHARE: u32 = 2;
 
 /// One controller's pacing: its interval, and the objects being reconciled or held.
 #[derive(Debug, Default)]
@@ -132,7 +132,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_urgent_change_ends_the_hold_when_it_arrives() {
         let pacing = Pacing::new(INTERVAL);
-        let after = Duration::from_millis(200);
+        let after = INTERVAL / LEAST_SHARE + Duration::from_millis(50);
         let held = held_for(
             &pacing,
             "ns/a",

@@ -6,8 +6,10 @@
 //! change the object's reconcile is waiting for (an urgent one, as the index that saw it
 //! judged: see [`crate::index::Projection`]) ends the hold, though not before half the
 //! interval has passed since the reconcile started, so that a burst of them still shares
-//! reconciles. An urgent change that arrives while the reconcile is still running counts too:
-//! the reconcile may have read the caches before it.
+//! reconciles, and not before the object has been held as long as its reconcile took, so that
+//! an object whose reconciles are slow (thousands of children on a busy API server) spends at
+//! most half its time in them. An urgent change that arrives while the reconcile is still
+//! running counts too: the reconcile may have read the caches before it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -73,7 +75,8 @@ impl Pacing {
     /// (and the least gap is over), or `shutdown` is cancelled.
     pub async fn hold(&self, hold: Hold, shutdown: &CancellationToken) {
         let full = hold.started + self.interval;
-        let least = hold.started + self.interval / LEAST_SHARE;
+        let took = hold.started.elapsed();
+        let least = hold.started + (self.interval / LEAST_SHARE).max(took * 2);
         let urged = async {
             hold.urged.notified().await;
             tokio::time::sleep_until(least).await;
@@ -152,6 +155,30 @@ mod tests {
         pacing.urge("ns/a");
         pacing.hold(hold, &CancellationToken::new()).await;
         assert_eq!(started.elapsed(), INTERVAL / LEAST_SHARE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_slow_reconcile_an_urgent_change_waits_as_long_as_it_took() {
+        let pacing = Pacing::new(INTERVAL);
+        let hold = pacing.start("ns/a");
+        let started = Instant::now();
+        let took = Duration::from_millis(300);
+        tokio::time::sleep(took).await; // the reconcile
+        pacing.urge("ns/a");
+        pacing.hold(hold, &CancellationToken::new()).await;
+        assert_eq!(
+            started.elapsed(),
+            INTERVAL,
+            "held to the interval, not to 2 × 300 ms"
+        );
+
+        let hold = pacing.start("ns/a");
+        let started = Instant::now();
+        let took = Duration::from_millis(150);
+        tokio::time::sleep(took).await;
+        pacing.urge("ns/a");
+        pacing.hold(hold, &CancellationToken::new()).await;
+        assert_eq!(started.elapsed(), took * 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -112,7 +112,6 @@ fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
     meta.labels.as_ref()?.get(key)
 }
 
-/// What the planner needs to know about a pod; `None` for a pod without an ordinal label.
 /// A rollout waiting for a pod acts on the change at once, not after the controller's pacing.
 impl Projection for PodView {
     fn urgent(old: Option<&Self>, new: Option<&Self>) -> bool {
@@ -120,6 +119,7 @@ impl Projection for PodView {
     }
 }
 
+/// What the planner needs to know about a pod; `None` for a pod without an ordinal label.
 pub fn pod_view(pod: &LeanPod) -> Option<PodView> {
     let meta = &pod.metadata;
     let ordinal: Ordinal = label(meta, LABEL_INSTANCE)?.parse().ok()?;

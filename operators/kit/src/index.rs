@@ -269,37 +269,37 @@ impl<V> Index<V> {
             }
             Event::Apply(object) => {
                 let (object_key, held) = filed(object);
-                let urgent = {
-                    let mut state = self.write();
-                    let urgent = noticed(
-                        state.live.held(&object_key),
-                        held.as_ref().map(|(k, v)| (k.as_str(), v)),
-                    );
-                    state.live.upsert(object_key, held);
-                    urgent
-                };
-                if let Some(urgent) = urgent {
-                    self.shared.changes.send(Change {
-                        urgent,
-                        ..Change::of(object, false)
-                    });
-                }
+                self.refile(object, object_key, held, false);
             }
-            Event::Delete(object) => {
-                let object_key = object_key(object);
-                let urgent = {
-                    let mut state = self.write();
-                    let urgent = noticed(state.live.held(&object_key), None);
-                    state.live.remove(&object_key);
-                    urgent
-                };
-                if let Some(urgent) = urgent {
-                    self.shared.changes.send(Change {
-                        urgent,
-                        ..Change::of(object, true)
-                    });
-                }
-            }
+            Event::Delete(object) => self.refile(object, object_key(object), None, true),
+        }
+    }
+
+    /// Files what is held of a watched object (`None`: nothing) in the live entries, and
+    /// announces it if that changed.
+    fn refile<K: Resource>(
+        &self,
+        object: &K,
+        object_key: ObjectKey,
+        held: Option<(String, V)>,
+        deleted: bool,
+    ) where
+        V: Projection,
+    {
+        let urgent = {
+            let mut state = self.write();
+            let urgent = noticed(
+                state.live.held(&object_key),
+                held.as_ref().map(|(k, v)| (k.as_str(), v)),
+            );
+            state.live.upsert(object_key, held);
+            urgent
+        };
+        if let Some(urgent) = urgent {
+            self.shared.changes.send(Change {
+                urgent,
+                ..Change::of(object, deleted)
+            });
         }
     }
 

@@ -47,10 +47,6 @@ impl Pacing {
         }
     }
 
-    pub fn interval(&self) -> Duration {
-        self.interval
-    }
-
     /// The reconcile of `key` starts now.
     pub fn start(&self, key: &str) -> Hold {
         let urged = Arc::new(Notify::new());

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the Go binaries the end-to-end tests run: the control-plane multi-call binary `k8s`
-# (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl) and `kwok`.
+# Builds the Go binaries the end-to-end tests run: the multi-call binary `k8s`
+# (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, and a real node's
+# kubelet and kube-proxy) and `kwok`.
 #
 # The binaries land in $GANTRY_CACHE/k8s-bins/<key>, where <key> hashes every input that
 # decides their content (this script, the Go modules, main.go and the Go toolchain version), so
@@ -28,7 +29,7 @@ if [[ ${1:-} == --print-dir ]]; then
 	exit 0
 fi
 
-programs=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl)
+programs=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 
 if [[ -f $out/.complete ]]; then
 	echo "k8s-bins: up to date in $out" >&2

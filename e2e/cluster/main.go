@@ -1,6 +1,7 @@
 // Command k8s is a multi-call binary holding the control plane Gantry's end-to-end tests run
-// against: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kubectl. Linking
-// them together means the expensive link of the Kubernetes dependency graph happens once.
+// against (etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kubectl) and the
+// node agents of a real node (kubelet and kube-proxy). Linking them together means the
+// expensive link of the Kubernetes dependency graph happens once.
 //
 // The program to run is chosen by the name it was invoked as (symlinks named after each
 // program point at this binary) or, failing that, by the first argument:
@@ -10,6 +11,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -24,7 +26,9 @@ import (
 	kubectlcmd "k8s.io/kubectl/pkg/cmd"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 var programs = map[string]func(args []string) int{
@@ -38,6 +42,10 @@ var programs = map[string]func(args []string) int{
 	"kube-scheduler": cobraMain(func() *cobra.Command {
 		return scheduler.NewSchedulerCommand()
 	}),
+	"kubelet": cobraMain(func() *cobra.Command {
+		return kubelet.NewKubeletCommand(context.Background())
+	}),
+	"kube-proxy": cobraMain(proxy.NewProxyCommand),
 	"kubectl": func(args []string) int {
 		cmd := kubectlcmd.NewDefaultKubectlCommand()
 		cmd.SetArgs(args)

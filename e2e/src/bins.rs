@@ -45,6 +45,8 @@ impl Binaries {
             "kube-controller-manager",
             "kube-scheduler",
             "kubectl",
+            "kubelet",
+            "kube-proxy",
         ]
         .into_iter()
         .filter(|name| !is_executable(&bins.dir.join(name)))
@@ -69,6 +71,56 @@ impl Binaries {
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Directory holding what a real node runs besides the kubelet and kube-proxy (containerd,
+/// its runc shim, ctr, runc, the registry, crane, pause), built by `make node-bins`
+/// (e2e/node/build.sh).
+pub const NODE_BIN_DIR_ENV: &str = "GANTRY_NODE_BIN_DIR";
+
+/// The located node binaries.
+#[derive(Clone, Debug)]
+pub struct NodeBinaries {
+    pub dir: PathBuf,
+}
+
+impl NodeBinaries {
+    /// Finds them in `$GANTRY_NODE_BIN_DIR`, else in `<cache>/node-bins/current`, and fails
+    /// with what to run when they are missing.
+    pub fn locate() -> Result<Self> {
+        let dir = std::env::var_os(NODE_BIN_DIR_ENV)
+            .filter(|v| !v.is_empty())
+            .map_or_else(
+                || cache_dir().join("node-bins").join("current"),
+                PathBuf::from,
+            );
+        let bins = Self { dir };
+        let missing: Vec<_> = [
+            "containerd",
+            "containerd-shim-runc-v2",
+            "ctr",
+            "runc",
+            "registry",
+            "crane",
+            "pause",
+        ]
+        .into_iter()
+        .filter(|name| !is_executable(&bins.dir.join(name)))
+        .collect();
+        if !missing.is_empty() {
+            bail!(
+                "node binaries {missing:?} not found in {}. Build them with `make node-bins` \
+                 from the repository root (it caches them and installs the Debian packages a \
+                 node needs), or point ${NODE_BIN_DIR_ENV} at a directory holding them.",
+                bins.dir.display()
+            );
+        }
+        Ok(bins)
+    }
+
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
 }
 
 /// The repository root.

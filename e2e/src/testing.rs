@@ -46,6 +46,7 @@ pub fn test_cluster_spec() -> ClusterSpec {
         ],
         scheduler_extenders: Vec::new(),
         audit_log: false,
+        real_node: false,
     }
 }
 

@@ -75,6 +75,10 @@ struct NodeArgs {
     /// Node labels, `key=value` (repeatable).
     #[arg(long = "label", value_parser = parse_kv)]
     labels: Vec<(String, String)>,
+    /// Also run a real node (containerd, runc, kubelet, kube-proxy; needs root and `make
+    /// node-bins`).
+    #[arg(long)]
+    real_node: bool,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -119,6 +123,7 @@ async fn main() -> Result<()> {
                 node_pools: vec![pool],
                 scheduler_extenders,
                 audit_log: false,
+                real_node: nodes.real_node,
             };
             let started = Instant::now();
             let cluster = Cluster::up(&spec).await?;
@@ -129,6 +134,15 @@ async fn main() -> Result<()> {
                 cluster.server(),
                 spec.node_count()
             );
+            if let Some(node) = &cluster.info.real_node {
+                eprintln!(
+                    "real node {} Ready in {:.1} s at {}; push images to {}",
+                    gantry_e2e::cluster::node::REAL_NODE_NAME,
+                    node.ready_seconds,
+                    node.network.node_ip(),
+                    node.registry
+                );
+            }
             eprintln!("kubectl: {}", cluster.bins.program("kubectl").display());
             eprintln!("logs:    {}", cluster.state_dir.join("logs").display());
             eprintln!("Point kubectl at it with:");
@@ -196,6 +210,7 @@ async fn bench(nodes: u32, pods: u32, keep: bool) -> Result<()> {
         node_pools: vec![NodePool::new("kwok-node", nodes)],
         scheduler_extenders: Vec::new(),
         audit_log: false,
+        real_node: false,
     };
     let started = Instant::now();
     let cluster = Cluster::up(&spec).await?;

@@ -371,6 +371,7 @@ async fn main() -> Result<()> {
         ],
         scheduler_extenders: Vec::new(),
         audit_log: true,
+        real_node: false,
     };
     eprintln!(
         "starting cluster gray-bench: {} nodes, {pods_per_node} pods each",

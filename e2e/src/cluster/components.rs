@@ -13,9 +13,10 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, Config};
 
 use super::kubeconfig::{KubeconfigUser, client_from_kubeconfig, get_text, write_kubeconfig};
+use super::node::{self, NodeNetwork, NodeStart, REAL_NODE_NAME, RealNodeInfo};
 use super::spec::{AUDIT_POLICY, ClusterSpec, node_objects, node_ready};
-use super::{Cluster, ClusterInfo, KWOK_NODE_LABEL};
-use crate::bins::Binaries;
+use super::{Cluster, ClusterInfo, KWOK_NODE_LABEL, clusters_dir};
+use crate::bins::{Binaries, NodeBinaries};
 use crate::pki::{self, Ca};
 use crate::poll::{self, Fatal};
 use crate::process::{self, PidDir};
@@ -65,6 +66,22 @@ pub(super) async fn start(
     }
     let pki_dir = &layout.pki;
 
+    // A real node reaches the API server on the host's side of its link, not on loopback.
+    let network = if spec.real_node {
+        Some(node::create_network(&spec.name, &clusters_dir())?)
+    } else {
+        None
+    };
+    let node_bins = if spec.real_node {
+        Some(NodeBinaries::locate()?)
+    } else {
+        None
+    };
+    let api_ip: IpAddr = network
+        .as_ref()
+        .map_or(Ipv4Addr::LOCALHOST, NodeNetwork::host_ip)
+        .into();
+
     // --- certificates -------------------------------------------------------------------
     let ca = Ca::new(&format!("gantry-{}-ca", spec.name))?;
     let ca_crt = pki_dir.join("ca.crt");
@@ -83,7 +100,7 @@ pub(super) async fn start(
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ],
-            &[localhost, "::1".parse()?, service_ip],
+            &[localhost, "::1".parse()?, service_ip, api_ip],
         )?
         .write(pki_dir, "apiserver")?;
     // The aggregation layer's front proxy: its own CA and the client certificate the API
@@ -95,6 +112,10 @@ pub(super) async fn start(
     let (proxy_client_crt, proxy_client_key) = front_proxy_ca
         .client("front-proxy-client", None)?
         .write(pki_dir, "front-proxy-client")?;
+    // How the API server proves itself to kubelets (logs, exec, port-forward).
+    let (kubelet_client_crt, kubelet_client_key) = ca
+        .client("kube-apiserver-kubelet-client", Some("system:masters"))?
+        .write(pki_dir, "apiserver-kubelet-client")?;
     let sa_key = pki_dir.join("sa.key");
     let sa_pub = pki_dir.join("sa.pub");
     let (sa_private, sa_public) = pki::key_pair_pem()?;
@@ -107,7 +128,7 @@ pub(super) async fn start(
     let apiserver_port = free_port()?;
     let kcm_port = free_port()?;
     let scheduler_port = free_port()?;
-    let server = format!("https://127.0.0.1:{apiserver_port}");
+    let server = format!("https://{api_ip}:{apiserver_port}");
     let etcd_url = format!("http://127.0.0.1:{etcd_port}");
 
     // --- kubeconfigs ----------------------------------------------------------------------
@@ -145,6 +166,13 @@ pub(super) async fn start(
     let scheduler_kubeconfig = kubeconfig_for("scheduler", "system:kube-scheduler", None)?;
     // kwok plays every kubelet; it gets the masters group rather than per-node identities.
     let kwok_kubeconfig = kubeconfig_for("kwok", "kwok-controller", Some("system:masters"))?;
+    // A real kubelet is its node, as the Node authorizer and NodeRestriction expect.
+    let kubelet_kubeconfig = kubeconfig_for(
+        "kubelet",
+        &format!("system:node:{REAL_NODE_NAME}"),
+        Some("system:nodes"),
+    )?;
+    let proxy_kubeconfig = kubeconfig_for("kube-proxy", "system:kube-proxy", None)?;
 
     // --- etcd -------------------------------------------------------------------------------
     let etcd_peer = format!("http://127.0.0.1:{etcd_peer_port}");
@@ -173,8 +201,8 @@ pub(super) async fn start(
     // --- kube-apiserver ---------------------------------------------------------------------
     let apiserver_args = vec![
         format!("--etcd-servers={etcd_url}"),
-        "--bind-address=127.0.0.1".to_owned(),
-        "--advertise-address=127.0.0.1".to_owned(),
+        format!("--bind-address={api_ip}"),
+        format!("--advertise-address={api_ip}"),
         format!("--secure-port={apiserver_port}"),
         format!("--cert-dir={}", pki_dir.display()),
         format!("--tls-cert-file={}", apiserver_crt.display()),
@@ -201,14 +229,22 @@ pub(super) async fn start(
          ValidatingAdmissionWebhook,ValidatingAdmissionPolicy"
             .to_owned(),
         "--allow-privileged=true".to_owned(),
-        // The kubernetes Service would point at 127.0.0.1, which Endpoints may not hold;
-        // nothing in a kwok cluster dials it anyway.
-        "--endpoint-reconciler-type=none".to_owned(),
+        format!(
+            "--kubelet-client-certificate={}",
+            kubelet_client_crt.display()
+        ),
+        format!("--kubelet-client-key={}", kubelet_client_key.display()),
+        "--kubelet-preferred-address-types=InternalIP".to_owned(),
         "--event-ttl=1h".to_owned(),
         "--profiling=false".to_owned(),
         "--v=1".to_owned(),
     ];
     let mut apiserver_args = apiserver_args;
+    if network.is_none() {
+        // The kubernetes Service would point at 127.0.0.1, which Endpoints may not hold;
+        // nothing in a cluster of kwok nodes dials it anyway.
+        apiserver_args.push("--endpoint-reconciler-type=none".to_owned());
+    }
     if spec.audit_log {
         let policy = layout.dir.join("audit-policy.yaml");
         std::fs::write(&policy, AUDIT_POLICY)?;
@@ -366,6 +402,23 @@ pub(super) async fn start(
     )
     .await?;
 
+    let real_node = match (&network, &node_bins) {
+        (Some(network), Some(node_bins)) => {
+            let start = NodeStart {
+                cluster: &spec.name,
+                dir,
+                network,
+                bins,
+                node_bins,
+                ca_crt: &ca_crt,
+                kubelet_kubeconfig: &kubelet_kubeconfig,
+                proxy_kubeconfig: &proxy_kubeconfig,
+            };
+            Some(start_real_node(&start, &layout, &client).await?)
+        }
+        _ => None,
+    };
+
     let info = ClusterInfo {
         spec: spec.clone(),
         server,
@@ -374,6 +427,7 @@ pub(super) async fn start(
         scheduler_port,
         kubeconfig: admin_kubeconfig,
         startup_seconds: started.elapsed().as_secs_f64(),
+        real_node,
     };
     // Written last: its presence means the cluster finished starting.
     std::fs::write(dir.join("cluster.json"), serde_json::to_vec_pretty(&info)?)?;
@@ -382,6 +436,58 @@ pub(super) async fn start(
         state_dir: dir.to_owned(),
         info,
         bins: bins.clone(),
+    })
+}
+
+/// Starts the registry, pushes the pause image, starts containerd, the kubelet and
+/// kube-proxy, and waits for the Node to be Ready.
+async fn start_real_node(
+    start: &NodeStart<'_>,
+    layout: &Layout,
+    client: &Client,
+) -> Result<RealNodeInfo> {
+    node::prepare_cgroups(start.cluster)?;
+    let registry = node::start_registry(start, free_port()?)?;
+    wait_until("the registry", Duration::from_secs(30), layout, || {
+        let registry = registry.clone();
+        async move { Ok(node::registry_ready(&registry).await) }
+    })
+    .await?;
+    let pause = node::push_pause_image(start, &registry)?;
+    let started = Instant::now();
+    let socket = node::start_containerd(start, &registry, &pause)?;
+    wait_until(
+        "containerd's socket",
+        Duration::from_secs(30),
+        layout,
+        || {
+            let socket = socket.clone();
+            async move { Ok(socket.exists()) }
+        },
+    )
+    .await?;
+    node::start_kubelet(start, &socket)?;
+    node::start_kube_proxy(start)?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_until(
+        &format!("node {REAL_NODE_NAME} Ready"),
+        Duration::from_secs(120),
+        layout,
+        || {
+            let nodes = nodes.clone();
+            async move {
+                Ok(nodes
+                    .get_opt(REAL_NODE_NAME)
+                    .await?
+                    .is_some_and(|n| node_ready(&n)))
+            }
+        },
+    )
+    .await?;
+    Ok(RealNodeInfo {
+        network: start.network.clone(),
+        registry,
+        ready_seconds: started.elapsed().as_secs_f64(),
     })
 }
 

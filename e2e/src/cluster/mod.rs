@@ -8,6 +8,7 @@
 
 mod components;
 mod kubeconfig;
+pub mod node;
 mod spec;
 
 use std::path::{Path, PathBuf};
@@ -33,8 +34,12 @@ pub const KUBERNETES_VERSION: &str = "v1.34.4";
 /// Label that marks the nodes kwok manages.
 pub const KWOK_NODE_LABEL: (&str, &str) = ("type", "kwok");
 
-/// Components in the order they are stopped.
+/// Components in the order they are stopped: a real node's first, then the control plane's.
 pub(crate) const STOP_ORDER: &[&str] = &[
+    "kube-proxy",
+    "kubelet",
+    "containerd",
+    "registry",
     "kwok",
     "kube-scheduler",
     "kube-controller-manager",
@@ -55,6 +60,9 @@ pub struct ClusterInfo {
     pub kubeconfig: PathBuf,
     /// Seconds the last `up` took to bring the cluster up from nothing.
     pub startup_seconds: f64,
+    /// The real node, when the spec asks for one.
+    #[serde(default)]
+    pub real_node: Option<node::RealNodeInfo>,
 }
 
 /// A handle on a running cluster. Dropping it leaves the cluster running; see
@@ -287,6 +295,12 @@ fn teardown(dir: &Path) -> Result<()> {
     HostProcesses::of(dir).stop(true);
     let marker = dir.to_string_lossy().into_owned();
     PidDir::new(dir.join("pids")).stop_all(&marker, STOP_ORDER)?;
+    // What a real node leaves besides its processes: containers, mounts, a namespace and
+    // cgroups. Mounts must be gone before the directory is removed: removing through a bind
+    // mount would delete what it shows.
+    if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+        node::teardown(name, dir)?;
+    }
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(())
 }

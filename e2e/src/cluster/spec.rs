@@ -82,6 +82,11 @@ pub struct ClusterSpec {
     /// (Metadata level): how benchmarks count an operator's API requests.
     #[serde(default)]
     pub audit_log: bool,
+    /// Also run a real node (containerd, runc, the kubelet and kube-proxy) in a network
+    /// namespace of its own, with a registry of the cluster's own; needs root and
+    /// `make node-bins`. See [`super::node`].
+    #[serde(default)]
+    pub real_node: bool,
 }
 
 impl ClusterSpec {
@@ -92,7 +97,15 @@ impl ClusterSpec {
             node_pools: vec![NodePool::new("kwok-node", 3)],
             scheduler_extenders: Vec::new(),
             audit_log: false,
+            real_node: false,
         }
+    }
+
+    /// The same cluster with a real node beside its kwok nodes.
+    #[must_use]
+    pub fn with_real_node(mut self) -> Self {
+        self.real_node = true;
+        self
     }
 
     pub fn node_count(&self) -> u32 {
@@ -195,6 +208,7 @@ mod tests {
             ],
             scheduler_extenders: Vec::new(),
             audit_log: false,
+            real_node: false,
         };
         let nodes = node_objects(&spec)?;
         assert_eq!(nodes.len(), 302);

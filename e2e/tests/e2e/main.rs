@@ -5,4 +5,5 @@ mod charts;
 mod grayapp;
 mod harness;
 mod kit;
+mod real_node;
 mod scheduler_extender;

@@ -53,6 +53,7 @@ async fn scheduler_consults_the_configured_extender() -> Result<()> {
             "httpTimeout": "5s",
         })],
         audit_log: false,
+        real_node: false,
     };
     let cluster = Cluster::up_temporary(&spec).await?;
     let client = cluster.client().await?;

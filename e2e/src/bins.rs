@@ -37,20 +37,20 @@ impl Binaries {
             ),
         };
         let bins = Self { dir };
-        let missing: Vec<_> = [
-            "k8s",
-            "kwok",
-            "etcd",
-            "kube-apiserver",
-            "kube-controller-manager",
-            "kube-scheduler",
-            "kubectl",
-            "kubelet",
-            "kube-proxy",
-        ]
-        .into_iter()
-        .filter(|name| !is_executable(&bins.dir.join(name)))
-        .collect();
+        let missing = missing_programs(
+            &bins.dir,
+            &[
+                "k8s",
+                "kwok",
+                "etcd",
+                "kube-apiserver",
+                "kube-controller-manager",
+                "kube-scheduler",
+                "kubectl",
+                "kubelet",
+                "kube-proxy",
+            ],
+        );
         if !missing.is_empty() {
             bail!(
                 "Kubernetes binaries {missing:?} not found in {} ({from}). Build them with \
@@ -66,6 +66,15 @@ impl Binaries {
     pub fn program(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+}
+
+/// The programs of `names` that `dir` lacks (or holds without the execute bit).
+fn missing_programs(dir: &Path, names: &[&'static str]) -> Vec<&'static str> {
+    names
+        .iter()
+        .copied()
+        .filter(|name| !is_executable(&dir.join(name)))
+        .collect()
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -95,18 +104,18 @@ impl NodeBinaries {
                 PathBuf::from,
             );
         let bins = Self { dir };
-        let missing: Vec<_> = [
-            "containerd",
-            "containerd-shim-runc-v2",
-            "ctr",
-            "runc",
-            "registry",
-            "crane",
-            "pause",
-        ]
-        .into_iter()
-        .filter(|name| !is_executable(&bins.dir.join(name)))
-        .collect();
+        let missing = missing_programs(
+            &bins.dir,
+            &[
+                "containerd",
+                "containerd-shim-runc-v2",
+                "ctr",
+                "runc",
+                "registry",
+                "crane",
+                "pause",
+            ],
+        );
         if !missing.is_empty() {
             bail!(
                 "node binaries {missing:?} not found in {}. Build them with `make node-bins` \

@@ -99,6 +99,14 @@ impl PidDir {
         Self { dir }
     }
 
+    /// Starts `command` as `component` in a process group of its own (see [`spawn_group`]),
+    /// with its output appended to `log`, and records its pid.
+    pub fn spawn(&self, component: &str, command: &mut Command, log: &Path) -> Result<u32> {
+        let pid = spawn_group(command, log)?;
+        self.record(component, pid)?;
+        Ok(pid)
+    }
+
     pub fn record(&self, component: &str, pid: u32) -> Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         std::fs::write(

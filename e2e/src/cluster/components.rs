@@ -13,7 +13,7 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, Config};
 
 use super::kubeconfig::{KubeconfigUser, client_from_kubeconfig, get_text, write_kubeconfig};
-use super::node::{self, NodeNetwork, NodeStart, REAL_NODE_NAME, RealNodeInfo};
+use super::node::{self, NodeStart, REAL_NODE_NAME, RealNodeInfo};
 use super::spec::{AUDIT_POLICY, ClusterSpec, node_objects, node_ready};
 use super::{Cluster, ClusterInfo, KWOK_NODE_LABEL, clusters_dir};
 use crate::bins::{Binaries, NodeBinaries};
@@ -38,9 +38,11 @@ impl Layout {
     fn spawn(&self, component: &str, program: &Path, args: &[String]) -> Result<u32> {
         let mut cmd = Command::new(program);
         cmd.args(args);
-        let pid = process::spawn_group(&mut cmd, &self.logs.join(format!("{component}.log")))?;
-        self.pids.record(component, pid)?;
-        Ok(pid)
+        self.pids.spawn(
+            component,
+            &mut cmd,
+            &self.logs.join(format!("{component}.log")),
+        )
     }
 }
 
@@ -67,19 +69,19 @@ pub(super) async fn start(
     let pki_dir = &layout.pki;
 
     // A real node reaches the API server on the host's side of its link, not on loopback.
-    let network = if spec.real_node {
-        Some(node::create_network(&spec.name, &clusters_dir())?)
+    // Its binaries are looked for first: a missing one leaves no network behind.
+    let real_node = if spec.real_node {
+        let node_bins = NodeBinaries::locate()?;
+        Some((
+            node_bins,
+            node::create_network(&spec.name, &clusters_dir())?,
+        ))
     } else {
         None
     };
-    let node_bins = if spec.real_node {
-        Some(NodeBinaries::locate()?)
-    } else {
-        None
-    };
-    let api_ip: IpAddr = network
+    let api_ip: IpAddr = real_node
         .as_ref()
-        .map_or(Ipv4Addr::LOCALHOST, NodeNetwork::host_ip)
+        .map_or(Ipv4Addr::LOCALHOST, |(_, network)| network.host_ip())
         .into();
 
     // --- certificates -------------------------------------------------------------------
@@ -240,7 +242,7 @@ pub(super) async fn start(
         "--v=1".to_owned(),
     ];
     let mut apiserver_args = apiserver_args;
-    if network.is_none() {
+    if real_node.is_none() {
         // The kubernetes Service would point at 127.0.0.1, which Endpoints may not hold;
         // nothing in a cluster of kwok nodes dials it anyway.
         apiserver_args.push("--endpoint-reconciler-type=none".to_owned());
@@ -402,8 +404,8 @@ pub(super) async fn start(
     )
     .await?;
 
-    let real_node = match (&network, &node_bins) {
-        (Some(network), Some(node_bins)) => {
+    let real_node = match &real_node {
+        Some((node_bins, network)) => {
             let start = NodeStart {
                 cluster: &spec.name,
                 dir,
@@ -416,7 +418,7 @@ pub(super) async fn start(
             };
             Some(start_real_node(&start, &layout, &client).await?)
         }
-        _ => None,
+        None => None,
     };
 
     let info = ClusterInfo {

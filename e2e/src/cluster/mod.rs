@@ -128,7 +128,7 @@ impl Cluster {
         let started = Instant::now();
         let mut attempt = 1;
         loop {
-            teardown(&dir)?;
+            teardown(&spec.name)?;
             match components::start(spec, &dir, &bins, started).await {
                 Ok(cluster) => return Ok(cluster),
                 Err(e) => {
@@ -141,7 +141,7 @@ impl Cluster {
                         continue;
                     }
                     if std::env::var_os("GANTRY_KEEP_FAILED_CLUSTER").is_none() {
-                        let _ = teardown(&dir);
+                        let _ = teardown(&spec.name);
                     }
                     return Err(e.context(format!("starting cluster {:?}{logs}", spec.name)));
                 }
@@ -181,7 +181,7 @@ impl Cluster {
         let _lock = FileLock::acquire(&lock_path(name))?;
         // The lock file stays: removing it could let a waiter and a newcomer lock different
         // files.
-        teardown(&state_dir_of(name))
+        teardown(name)
     }
 
     /// Names of the clusters that have a state directory.
@@ -286,22 +286,22 @@ impl Cluster {
     }
 }
 
-/// Stops what the pid files in `dir` name and removes `dir`.
-fn teardown(dir: &Path) -> Result<()> {
+/// Stops what the pid files in the cluster's state directory name, removes what a real node
+/// left, and removes the directory.
+fn teardown(name: &str) -> Result<()> {
+    let dir = state_dir_of(name);
     if !dir.exists() {
         return Ok(());
     }
     // Operators first (they talk to the API server), then the control plane.
-    HostProcesses::of(dir).stop(true);
+    HostProcesses::of(&dir).stop(true);
     let marker = dir.to_string_lossy().into_owned();
     PidDir::new(dir.join("pids")).stop_all(&marker, STOP_ORDER)?;
     // What a real node leaves besides its processes: containers, mounts, a namespace and
     // cgroups. Mounts must be gone before the directory is removed: removing through a bind
     // mount would delete what it shows.
-    if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
-        node::teardown(name, dir)?;
-    }
-    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    node::teardown(name, &dir)?;
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(())
 }
 

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::bins::{Binaries, NodeBinaries};
-use crate::process::{self, FileLock};
+use crate::process::{FileLock, PidDir};
 
 /// The name the real node registers as.
 pub const REAL_NODE_NAME: &str = "real-node";
@@ -67,7 +67,7 @@ impl NodeNetwork {
     }
 
     fn netns_path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.netns)
+        netns_path(&self.netns)
     }
 }
 
@@ -83,6 +83,11 @@ pub struct RealNodeInfo {
 
 fn netns_of(cluster: &str) -> String {
     format!("gantry-{cluster}")
+}
+
+/// Where `ip netns` keeps a named namespace.
+fn netns_path(netns: &str) -> PathBuf {
+    Path::new("/run/netns").join(netns)
 }
 
 fn cgroup_of(cluster: &str) -> String {
@@ -207,20 +212,30 @@ fn join_cgroups(cgroup: &str, pid: u32) -> Result<()> {
     Ok(())
 }
 
+/// `root` and every cgroup below it, each before its children.
+fn cgroup_tree(root: PathBuf) -> Vec<PathBuf> {
+    let mut tree = Vec::new();
+    let mut pending = vec![root];
+    while let Some(dir) = pending.pop() {
+        if let Ok(read) = std::fs::read_dir(&dir) {
+            pending.extend(read.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+        tree.push(dir);
+    }
+    tree
+}
+
 /// Every process under `/<cgroup>` (the node's agents, shims and the pods' containers).
 fn cgroup_members(cgroup: &str) -> Vec<u32> {
-    let root = Path::new("/sys/fs/cgroup/pids").join(cgroup);
-    let mut pids = Vec::new();
-    let mut dirs = vec![root];
-    while let Some(dir) = dirs.pop() {
-        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-            pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-        }
-        if let Ok(read) = std::fs::read_dir(&dir) {
-            dirs.extend(read.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
-        }
-    }
-    pids
+    cgroup_tree(Path::new("/sys/fs/cgroup/pids").join(cgroup))
+        .into_iter()
+        .filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// Removes `/<cgroup>` from every hierarchy, deepest first.
@@ -230,15 +245,7 @@ fn remove_cgroups(cgroup: &str) -> Result<()> {
         if !root.exists() {
             continue;
         }
-        let mut dirs = Vec::new();
-        let mut pending = vec![root];
-        while let Some(dir) = pending.pop() {
-            if let Ok(read) = std::fs::read_dir(&dir) {
-                pending.extend(read.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
-            }
-            dirs.push(dir);
-        }
-        for dir in dirs.iter().rev() {
+        for dir in cgroup_tree(root).iter().rev() {
             std::fs::remove_dir(dir)
                 .with_context(|| format!("removing cgroup {}", dir.display()))?;
         }
@@ -257,7 +264,11 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
         .map(unescape_mount_path)
         .filter(|p| p.starts_with(dir))
         .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    // Deepest first; equal paths (mounts stacked on one point) side by side for dedup.
+    points.sort_by(|a, b| {
+        let depth = |p: &PathBuf| p.components().count();
+        depth(b).cmp(&depth(a)).then_with(|| a.cmp(b))
+    });
     points.dedup();
     points
 }
@@ -314,7 +325,7 @@ pub(super) fn unmount_all_under(dir: &Path) -> Result<()> {
 /// had one.
 pub(super) fn teardown(cluster: &str, state_dir: &Path) -> Result<()> {
     let cgroup = cgroup_of(cluster);
-    let netns = Path::new("/run/netns").join(netns_of(cluster));
+    let netns = netns_path(&netns_of(cluster));
     let has_cgroup = Path::new("/sys/fs/cgroup/pids").join(&cgroup).exists();
     if !has_cgroup && !netns.exists() && mounts_under(state_dir).is_empty() {
         return Ok(());
@@ -382,8 +393,11 @@ impl NodeStart<'_> {
                 "PATH",
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             );
-        let pid = process::spawn_group(&mut command, &logs.join(format!("{component}.log")))?;
-        crate::process::PidDir::new(self.dir.join("pids")).record(component, pid)?;
+        let pid = PidDir::new(self.dir.join("pids")).spawn(
+            component,
+            &mut command,
+            &logs.join(format!("{component}.log")),
+        )?;
         join_cgroups(&cgroup_of(self.cluster), pid)?;
         Ok(pid)
     }

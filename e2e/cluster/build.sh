@@ -3,27 +3,19 @@
 # (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, and a real node's
 # kubelet and kube-proxy) and `kwok`.
 #
-# The binaries land in $GANTRY_CACHE/k8s-bins/<key>, where <key> hashes every input that
-# decides their content (this script, the Go modules, main.go and the Go toolchain version), so
-# a build happens only when a pin changes. $GANTRY_CACHE/k8s-bins/current points at the latest.
+# The binaries land in $GANTRY_CACHE/k8s-bins/<key> (see ../cached-build.sh); the key hashes
+# this script, the Go modules, main.go and the Go toolchain.
 #
 #   build.sh               build if needed, print the directory
 #   build.sh --print-dir   only print the directory the binaries belong in
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-cache=${GANTRY_CACHE:-$HOME/.cache/gantry}
-go=${GO:-go}
+# shellcheck source=../cached-build.sh
+source "$here/../cached-build.sh"
 
-key=$(
-	{
-		cat "$here/build.sh" "$here/go.mod" "$here/go.sum" "$here/main.go" \
-			"$here/kwok/go.mod" "$here/kwok/go.sum"
-		"$go" env GOVERSION GOOS GOARCH
-	} | sha256sum | cut -c1-16
-)
-out=$cache/k8s-bins/$key
-
+out=$(cache_dir k8s-bins "$here/build.sh" "$here/go.mod" "$here/go.sum" "$here/main.go" \
+	"$here/kwok/go.mod" "$here/kwok/go.sum")
 if [[ ${1:-} == --print-dir ]]; then
 	echo "$out"
 	exit 0
@@ -31,15 +23,8 @@ fi
 
 programs=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 
-if [[ -f $out/.complete ]]; then
-	echo "k8s-bins: up to date in $out" >&2
-else
-	start=$(date +%s)
-	tmp=$out.tmp.$$
-	rm -rf "$tmp"
-	mkdir -p "$tmp"
-	trap 'rm -rf "$tmp"' EXIT
-
+build_k8s_bins() {
+	local tmp=$1
 	k8s_version=$(awk '$1 == "k8s.io/kubernetes" { print $2 }' "$here/go.mod")
 	major=${k8s_version#v}
 	major=${major%%.*}
@@ -63,12 +48,6 @@ else
 	for p in "${programs[@]}"; do
 		ln -s k8s "$tmp/$p"
 	done
-	touch "$tmp/.complete"
-	rm -rf "$out"
-	mv "$tmp" "$out"
-	trap - EXIT
-	echo "k8s-bins: built in $(($(date +%s) - start)) s" >&2
-fi
+}
 
-ln -sfn "$key" "$cache/k8s-bins/current"
-echo "$out"
+cached_build k8s-bins "$out" build_k8s_bins

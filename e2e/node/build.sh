@@ -4,17 +4,16 @@
 # local OCI registry (CNCF distribution), crane (images without a Docker daemon) and the pause
 # program. Debian's CNI plugins and iptables are installed as packages when missing.
 #
-# The binaries land in $GANTRY_CACHE/node-bins/<key>, where <key> hashes every input that
-# decides their content, so a build happens only when a pin changes;
-# $GANTRY_CACHE/node-bins/current points at the latest.
+# The binaries land in $GANTRY_CACHE/node-bins/<key> (see ../cached-build.sh); the key hashes
+# this script, the Go module, our sources and the Go toolchain.
 #
 #   build.sh               build if needed, print the directory
 #   build.sh --print-dir   only print the directory the binaries belong in
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-cache=${GANTRY_CACHE:-$HOME/.cache/gantry}
-go=${GO:-go}
+# shellcheck source=../cached-build.sh
+source "$here/../cached-build.sh"
 
 # The packages a node needs from Debian: CNI plugins (bridge, host-local, loopback, portmap),
 # iptables (kube-proxy's and the bridge plugin's masquerading) and libseccomp's headers and
@@ -37,30 +36,15 @@ install_packages() {
 		{ apt-get update -q >&2 && apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; }
 }
 
-key=$(
-	{
-		cat "$here/build.sh" "$here/go.mod" "$here/go.sum" "$here/tools.go" \
-			"$here/registry/main.go" "$here/pause/main.go"
-		"$go" env GOVERSION GOOS GOARCH
-	} | sha256sum | cut -c1-16
-)
-out=$cache/node-bins/$key
-
+out=$(cache_dir node-bins "$here/build.sh" "$here/go.mod" "$here/go.sum" "$here/tools.go" \
+	"$here/registry/main.go" "$here/pause/main.go")
 if [[ ${1:-} == --print-dir ]]; then
 	echo "$out"
 	exit 0
 fi
 
-install_packages
-
-if [[ -f $out/.complete ]]; then
-	echo "node-bins: up to date in $out" >&2
-else
-	start=$(date +%s)
-	tmp=$out.tmp.$$
-	rm -rf "$tmp"
-	mkdir -p "$tmp"
-	trap 'rm -rf "$tmp"' EXIT
+build_node_bins() {
+	local tmp=$1
 	version() { awk -v m="$1" '$1 == m { print $2 }' "$here/go.mod"; }
 	containerd_version=$(version github.com/containerd/containerd/v2)
 	runc_version=$(version github.com/opencontainers/runc)
@@ -86,12 +70,7 @@ else
 	CGO_ENABLED=1 build -tags "seccomp netgo osusergo urfave_cli_no_docs" \
 		-ldflags="-s -w -X main.version=${runc_version#v} -extldflags -static" -o "$tmp/runc" \
 		github.com/opencontainers/runc
-	touch "$tmp/.complete"
-	rm -rf "$out"
-	mv "$tmp" "$out"
-	trap - EXIT
-	echo "node-bins: built in $(($(date +%s) - start)) s" >&2
-fi
+}
 
-ln -sfn "$key" "$cache/node-bins/current"
-echo "$out"
+install_packages
+cached_build node-bins "$out" build_node_bins
